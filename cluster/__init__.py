@@ -1,0 +1,1 @@
+"""Wiring: configs, the CLI, Ray placement and the training loop driver."""

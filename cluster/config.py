@@ -1,0 +1,145 @@
+"""The root config: YAML files plus dotted command-line overrides, checked before anything loads.
+
+    cfg = load_config("configs/tiny.yaml", ["rollout.switch.tau0=0.3", "rollout.engine=vllm"])
+
+Unknown keys (with the closest valid key suggested), wrong types and values outside
+a field's ``choice``/``bounded`` metadata raise ConfigError with one line naming the
+key path, the bad value and what is allowed. Sections live with their owners
+(switchkd.rollout.config, switchkd.trainer.config); this module only composes and checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
+from switchkd.trainer.config import TrainerConfig
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read YAML at ``path`` (None = defaults), apply ``key.sub=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(raw, key.strip(), _parse_scalar(value))
+    return build(Config, raw, prefix="")
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain nested dicts (for logs, checkpoints, YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key path under ``cls``, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        sub = _dataclass_type(typing.get_type_hints(cls)[f.name])
+        keys.extend([path, *all_keys(sub, path + ".")] if sub else [path])
+    return keys
+
+
+def build(cls, raw, prefix: str):
+    """Instantiate dataclass ``cls`` from nested dict ``raw``, checking keys, types and bounds."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            guess = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
+            hint = f"; did you mean {guess[0]}?" if guess else f"; valid keys here: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {path}{hint}")
+        sub = _dataclass_type(hints[key])
+        kwargs[key] = build(sub, value, path + ".") if sub else _check_value(path, value, hints[key], fields[key].metadata)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_value(path: str, value, annotation, meta):
+    allowed_types, optional = _scalar_types(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}=null: a value is required ({_type_names(allowed_types)})")
+    if float in allowed_types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, allowed_types) or (isinstance(value, bool) and bool not in allowed_types):
+        raise ConfigError(f"{path}={value!r}: expected {_type_names(allowed_types)}, got {type(value).__name__}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{path}={value!r}: allowed values are {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise ConfigError(f"{path}={value!r}: must be {'>' if meta.get('lo_open') else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path}={value!r}: must be <= {hi}")
+    return value
+
+
+def _scalar_types(annotation) -> tuple[tuple, bool]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        non_none = tuple(a for a in args if a is not type(None))
+        return non_none, len(non_none) < len(args)
+    return (annotation,), False
+
+
+def _type_names(ts) -> str:
+    return " or ".join(t.__name__ for t in ts)
+
+
+def _dataclass_type(annotation):
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value

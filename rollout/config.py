@@ -1,0 +1,96 @@
+"""Typed config sections owned by the rollout side, and the field helpers every section uses.
+
+Sections are frozen dataclasses. Per-field rules live in field metadata (``choice``,
+``bounded``) and are enforced by the loader in switchkd.cluster.config, which knows the
+key path and so can name it in the error. Cross-field rules live in ``__post_init__``
+and raise ValueError("<key>: <problem>").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from switchkd.rollout.switch import SCHEDULES
+
+
+def choice(default, allowed: tuple):
+    """A field whose value must be one of ``allowed``."""
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def bounded(default, lo=None, hi=None, lo_open: bool = False):
+    """A numeric field with lo <= value <= hi (lo < value when lo_open)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: str = "models/tiny/teacher"      # HF model dir (safetensors)
+    student: str = "models/tiny/student"
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str = "configs/prompts/tiny.jsonl"   # JSONL with a "prompt" field per line
+    max_prompts: Optional[int] = bounded(None, lo=1)
+    max_prompt_tokens: int = bounded(512, lo=1)
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    tau0: float = bounded(0.4, lo=0.0)             # JSD lives in [0, ln 2]; tau0 >= ln 2 = never intervene
+    decay: float = bounded(0.005, lo=0.0)          # lambda: per-token decay rate
+    schedule: str = choice("exp", SCHEDULES)
+    logprobs: str = choice("exact", ("exact", "topk"))  # decision on full distributions or top-k + tail
+    topk: int = bounded(20, lo=1)                  # k per side when logprobs=topk
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: Optional[str] = None      # OpenAI-compatible vLLM server; None = in-process engine
+    api_key: Optional[str] = None
+    timeout_s: float = bounded(60.0, lo=0.0, lo_open=True)
+    max_retries: int = bounded(5, lo=0)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One vLLM engine (teacher or student): resources and memory."""
+    device: str = choice("cpu", ("cpu", "cuda"))
+    num_cpus: float = bounded(1.0, lo=0.0)
+    num_gpus: float = bounded(0.0, lo=0.0)
+    tensor_parallel_size: int = bounded(1, lo=1)
+    threads: str = "auto"                          # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-3"
+    kv_cache_space_gb: float = bounded(1.0, lo=0.0, lo_open=True)
+    gpu_memory_utilization: float = bounded(0.4, lo=0.0, hi=1.0, lo_open=True)
+    block_size: int = choice(32, (16, 32, 64, 128))
+    enforce_eager: bool = True
+    max_model_len: int = bounded(2048, lo=16)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: str = choice("hf", ("hf", "vllm"))
+    mode: str = choice("block", ("block", "stepwise"))
+    temperature: float = bounded(1.0, lo=0.0)
+    max_new_tokens: int = bounded(128, lo=1)
+    seed: int = 0
+    batch_size: int = bounded(32, lo=1)            # prompts advanced together
+    teacher_topk: int = bounded(64, lo=1)          # teacher log-probs kept per token for the trainer
+    draft_tokens: int = bounded(8, lo=1)           # initial k of block-speculative SWITCH
+    max_draft_tokens: int = bounded(64, lo=1)
+    use_ray: bool = False                          # host engines in Ray actors (in-process otherwise)
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
+    teacher: EngineConfig = field(default_factory=EngineConfig)
+    student: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if self.draft_tokens > self.max_draft_tokens:
+            raise ValueError(f"rollout.draft_tokens={self.draft_tokens}: must be <= rollout.max_draft_tokens={self.max_draft_tokens}")
+        if self.student.server.url is not None:
+            raise ValueError("rollout.student.server.url: only the teacher can run behind a server")
+        if self.teacher.server.url is not None and self.engine != "vllm":
+            raise ValueError("rollout.teacher.server.url: a teacher server needs rollout.engine=vllm")

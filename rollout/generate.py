@@ -1,0 +1,107 @@
+"""`switchkd generate`: prompts -> SWITCH rollouts (HF reference or vLLM) -> Parquet + summary."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from switchkd.rollout import schema
+from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.models import check_pair
+from switchkd.rollout.prompts import PromptError, read_prompt_jsonl
+from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.switch import prompt_seed
+
+POSITION_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class RolloutSummary:
+    prompts: int
+    skipped: Counter
+    tokens: int
+    seconds: float
+    teacher_fraction: float
+    teacher_fraction_by_position: dict[str, float]
+    finish_reasons: Counter
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines."""
+        skipped = ", ".join(f"{n} {why}" for why, n in self.skipped.items()) or "none"
+        buckets = "  ".join(f"[{k}] {v:.2f}" for k, v in self.teacher_fraction_by_position.items())
+        return [
+            f"prompts: {self.prompts} (skipped: {skipped})",
+            f"tokens: {self.tokens} in {self.seconds:.1f} s ({self.tokens / max(self.seconds, 1e-9):.1f} tokens/s)",
+            f"teacher-token fraction: {self.teacher_fraction:.3f}",
+            f"teacher fraction by position: {buckets}",
+            f"finish reasons: {dict(self.finish_reasons)}",
+        ]
+
+
+def load_prompts(data: DataConfig, tokenizer, run_seed: int) -> tuple[list[Prompt], Counter]:
+    """Tokenized prompts with per-prompt seeds; bad or too-long rows skipped and counted."""
+    rows, skipped = read_prompt_jsonl(data.prompts, data.max_prompts)
+    prompts = []
+    for index, text in rows:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > data.max_prompt_tokens:
+            skipped["longer than data.max_prompt_tokens"] += 1
+            continue
+        prompts.append(Prompt(index, ids, prompt_seed(run_seed, index)))
+    return prompts, skipped
+
+
+def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer):
+    """The configured SWITCH generator (HF reference or vLLM)."""
+    eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if rollout.engine == "hf":
+        from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
+
+        teacher = load_hf_model(model.teacher, model.dtype, model.trust_remote_code)
+        student = load_hf_model(model.student, model.dtype, model.trust_remote_code)
+        return HFSwitchGenerator(teacher, student, rollout, eos_ids, pad_id=tokenizer.pad_token_id or 0)
+    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+
+    return VLLMSwitchGenerator(model, rollout, eos_ids)
+
+
+def summarize(seqs: list[SequenceBuilder], skipped: Counter, seconds: float) -> RolloutSummary:
+    """Token counts, teacher fractions (overall and by position bucket) and finish reasons."""
+    owners = [np.asarray(s.owner, dtype=np.int64) for s in seqs]
+    tokens = sum(len(o) for o in owners)
+    by_position = {}
+    for lo, hi in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:]):
+        chunk = np.concatenate([o[lo:hi] for o in owners]) if owners else np.zeros(0)
+        if chunk.size:
+            by_position[f"{lo}-{hi - 1}"] = float(chunk.mean())
+    return RolloutSummary(
+        prompts=len(seqs), skipped=skipped, tokens=tokens, seconds=seconds,
+        teacher_fraction=float(np.concatenate(owners).mean()) if tokens else 0.0,
+        teacher_fraction_by_position=by_position,
+        finish_reasons=Counter(s.finish_reason for s in seqs),
+    )
+
+
+def run_generate(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, output: str,
+                 policy_version: int = 0) -> RolloutSummary:
+    """Generate SWITCH rollouts for the configured prompts and write them to ``output`` (Parquet)."""
+    from transformers import AutoTokenizer
+
+    check_pair(model.teacher, model.student, rollout.engine, rollout.student.device)
+    tokenizer = AutoTokenizer.from_pretrained(model.teacher)
+    prompts, skipped = load_prompts(data, tokenizer, rollout.seed)
+    if not prompts:
+        raise PromptError(f"data.prompts={data.prompts}: no usable prompts (skipped: {dict(skipped) or 'none'})")
+    generator = make_generator(model, rollout, tokenizer)
+    try:
+        start = time.perf_counter()
+        with tqdm(total=len(prompts) * rollout.max_new_tokens, unit="tok", desc="rollout", leave=False) as bar:
+            seqs = generator.generate(prompts, on_tokens=bar.update)
+        seconds = time.perf_counter() - start
+    finally:
+        getattr(generator, "shutdown", lambda: None)()
+    schema.write_parquet(schema.to_table([s.row(policy_version) for s in seqs]), output)
+    return summarize(seqs, skipped, seconds)

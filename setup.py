@@ -1,0 +1,22 @@
+"""One distribution, ``switchkd``; the top-level folders install as its subpackages.
+
+rollout/ -> switchkd.rollout, trainer/ -> switchkd.trainer, cluster/ -> switchkd.cluster.
+``switchkd`` itself is a namespace package (no __init__), so nothing at the repo root
+shadows the installed names.
+"""
+from setuptools import setup
+
+PACKAGES = {"switchkd.rollout": "rollout", "switchkd.trainer": "trainer", "switchkd.cluster": "cluster"}
+
+setup(
+    name="switchkd",
+    version="0.1.0",
+    description="SWITCH knowledge distillation of LLMs on vLLM rollouts and DeepSpeed ZeRO",
+    python_requires=">=3.11,<3.12",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    entry_points={"console_scripts": ["switchkd = switchkd.cluster.cli:main"]},
+    # Runtime pins live in requirements/cpu.txt (and gpu.txt): torch must be installed first,
+    # alone, from its CPU wheel, so setup.py does not declare it and pip never pulls a CUDA build.
+    install_requires=[],
+)

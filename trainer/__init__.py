@@ -1,0 +1,1 @@
+"""switchkd.trainer: distillation losses, DeepSpeed engine wrapper, checkpoints and export."""
