@@ -54,14 +54,6 @@ def _mix(la: Tensor, lb: Tensor, w: float) -> Tensor:
     return torch.logsumexp(torch.stack([la + math.log(w), lb + math.log1p(-w)]), dim=0)
 
 
-def _forward_kl(lp: Tensor, lq: Tensor) -> Tensor:
-    return _kl(lp, lq)
-
-
-def _reverse_kl(lp: Tensor, lq: Tensor) -> Tensor:
-    return _kl(lq, lp)
-
-
 def _jsd(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
     if beta == 0.0:
         return _kl(lp, lq)
@@ -69,18 +61,6 @@ def _jsd(lp: Tensor, lq: Tensor, beta: float) -> Tensor:
         return _kl(lq, lp)
     lm = _mix(lp, lq, beta)
     return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
-
-
-def _skew_kl(lp: Tensor, lq: Tensor, alpha: float) -> Tensor:
-    return _kl(lp, _mix(lp, lq, alpha))
-
-
-def _skew_reverse_kl(lp: Tensor, lq: Tensor, alpha: float) -> Tensor:
-    return _kl(lq, _mix(lq, lp, alpha))
-
-
-def _tv(lp: Tensor, lq: Tensor) -> Tensor:
-    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
 
 
 @dataclass(frozen=True)
@@ -111,13 +91,15 @@ class Divergence:
     params: dict[str, Param] = field(default_factory=dict)
 
 
-LOSSES: dict[str, Divergence] = {
-    "forward_kl": Divergence(_forward_kl),
-    "reverse_kl": Divergence(_reverse_kl),
+LOSSES: dict[str, Divergence] = {  # fn(lp, lq): lp teacher, lq student log-probs on common buckets
+    "forward_kl": Divergence(lambda lp, lq: _kl(lp, lq)),
+    "reverse_kl": Divergence(lambda lp, lq: _kl(lq, lp)),
     "jsd": Divergence(_jsd, {"beta": Param(0.5, 0.0, 1.0, True)}),
-    "skew_kl": Divergence(_skew_kl, {"alpha": Param(0.1, 0.0, 1.0, False)}),
-    "skew_reverse_kl": Divergence(_skew_reverse_kl, {"alpha": Param(0.1, 0.0, 1.0, False)}),
-    "tv": Divergence(_tv),
+    "skew_kl": Divergence(lambda lp, lq, alpha: _kl(lp, _mix(lp, lq, alpha)),
+                          {"alpha": Param(0.1, 0.0, 1.0, False)}),
+    "skew_reverse_kl": Divergence(lambda lp, lq, alpha: _kl(lq, _mix(lq, lp, alpha)),
+                                  {"alpha": Param(0.1, 0.0, 1.0, False)}),
+    "tv": Divergence(lambda lp, lq: 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)),
 }
 
 
