@@ -1,0 +1,99 @@
+"""Teacher and student engines, in this process or as Ray actors, behind one handle.
+
+``TeacherEngine`` and ``StudentEngine`` are the vLLM engine class with a role; the
+generator never cares where they run: an ``EngineHandle`` returns pending results
+whose ``result()`` is immediate in-process and ``ray.get`` (with a timeout) for
+actors, so with Ray the two engines work in parallel within a round.
+"""
+from __future__ import annotations
+
+from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.vllm_engine import VLLMEngine
+
+ACTOR_CALL_TIMEOUT_S = 3600.0
+
+
+class TeacherEngine(VLLMEngine):
+    """The teacher's vLLM engine (scores student drafts, drafts its own runs)."""
+
+
+class StudentEngine(VLLMEngine):
+    """The student's vLLM engine; the trainer syncs new weights into it."""
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _RayPending:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        import ray
+
+        return ray.get(self.ref, timeout=ACTOR_CALL_TIMEOUT_S)
+
+
+class EngineHandle:
+    """Uniform async-style access to an engine object or a Ray actor of one."""
+
+    def __init__(self, engine=None, actor=None):
+        self.engine, self.actor = engine, actor
+
+    def _call(self, method: str, *args, **kwargs):
+        if self.actor is not None:
+            return _RayPending(getattr(self.actor, method).remote(*args, **kwargs))
+        return _Done(getattr(self.engine, method)(*args, **kwargs))
+
+    def decode_async(self, *args, **kwargs):
+        return self._call("decode", *args, **kwargs)
+
+    def score_async(self, *args, **kwargs):
+        return self._call("score", *args, **kwargs)
+
+    def shutdown(self) -> None:
+        if self.actor is not None:
+            import ray
+
+            ray.get(self.actor.shutdown.remote(), timeout=120)
+            ray.kill(self.actor)
+        else:
+            self.engine.shutdown()
+
+
+def engine_kwargs(path: str, model: ModelConfig, engine: EngineConfig, seed: int) -> dict:
+    """Constructor arguments of a VLLMEngine from the config (plain values: picklable for Ray)."""
+    return dict(
+        model=path, dtype=model.dtype, device=engine.device, block_size=engine.block_size,
+        kv_cache_space_gb=engine.kv_cache_space_gb, threads=engine.threads, enforce_eager=engine.enforce_eager,
+        max_model_len=engine.max_model_len, gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size, seed=seed, trust_remote_code=model.trust_remote_code,
+    )
+
+
+def start_engines(model: ModelConfig, rollout: RolloutConfig) -> tuple[EngineHandle, EngineHandle]:
+    """Start the teacher and student engines as configured (in-process or Ray actors)."""
+    specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
+    handles = []
+    for cls, path, engine in specs:
+        kwargs = engine_kwargs(path, model, engine, rollout.seed)
+        if rollout.use_ray:
+            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs)))
+        else:
+            handles.append(EngineHandle(engine=cls(**kwargs)))
+    return handles[0], handles[1]
+
+
+def _start_actor(cls, engine: EngineConfig, kwargs: dict):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
+    return actor_cls.options(runtime_env={"env_vars": env}).remote(**kwargs)

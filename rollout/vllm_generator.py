@@ -1,0 +1,156 @@
+"""SWITCH on two vLLM engines: block-speculative (default) and token-by-token (stepwise).
+
+Block mode (DESIGN.md 4.2). Each sequence has a *drafter*, the model that owned its
+last token (the student at the start). One round, for every active sequence at once:
+
+  1. the drafter decodes up to k tokens, returning its full distribution at each;
+  2. the other model scores prefix + draft in one prefill (prefix cache on), giving
+     its distributions at the same positions;
+  3. walking the block, d_j, tau_j and owner_j are computed exactly as the reference
+     does; the first position owned by the other model ends the block with that
+     model's token (drawn from its distribution, already in hand); later draft tokens
+     are dropped and the other model drafts from there.
+
+Tokens are a pure function of (owner distribution, seed, position) (switch.py), and
+the engine's logits processor draws drafted tokens with that same function, so block
+mode reproduces the token-by-token process exactly: same tokens, owners and, under
+sampling, the same draws. k adapts per sequence and per drafter: doubled after a
+fully accepted block, shrunk towards the observed run length after a switch.
+
+Stepwise mode asks both engines for one next-token distribution per round trip: the
+obviously-correct twin and the benchmark's comparison point.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+
+from switchkd.rollout import switch
+from switchkd.rollout.config import ModelConfig, RolloutConfig
+from switchkd.rollout.engines import EngineHandle, start_engines
+from switchkd.rollout.sequences import Prompt, SequenceBuilder
+
+log = logging.getLogger(__name__)
+
+
+class _State:
+    """Block-mode bookkeeping of one sequence: who drafts next and how far."""
+
+    def __init__(self, seq: SequenceBuilder, k: int):
+        self.seq = seq
+        self.drafter = switch.STUDENT
+        self.k = {switch.STUDENT: k, switch.TEACHER: k}
+
+    @property
+    def ids(self) -> list[int]:
+        return self.seq.prompt.token_ids + self.seq.response_ids
+
+
+class VLLMSwitchGenerator:
+    """SWITCH rollouts on a teacher and a student vLLM engine (in-process, Ray actors or a server)."""
+
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, eos_ids: set[int], engines=None):
+        self.cfg, self.eos_ids = rollout, eos_ids
+        self.teacher, self.student = engines or start_engines(model, rollout)
+        self.rounds = 0
+
+    def shutdown(self) -> None:
+        """Stop both engines (frees KV caches and shared memory)."""
+        self.teacher.shutdown()
+        self.student.shutdown()
+
+    def generate(self, prompts: list[Prompt], on_tokens: Callable[[int], None] = lambda n: None) -> list[SequenceBuilder]:
+        """Roll out ``prompts`` in batches of rollout.batch_size; one builder per prompt, in order."""
+        step = self._block_batch if self.cfg.mode == "block" else self._stepwise_batch
+        out = []
+        for start in range(0, len(prompts), self.cfg.batch_size):
+            seqs = [SequenceBuilder(p, self.cfg.teacher_topk) for p in prompts[start : start + self.cfg.batch_size]]
+            step(seqs, on_tokens)
+            out += seqs
+        return out
+
+    # -- stepwise -------------------------------------------------------------------------
+    def _stepwise_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:
+        while active := [s for s in seqs if not s.done]:
+            ids = [s.prompt.token_ids + s.response_ids for s in active]
+            starts = [len(x) for x in ids]
+            pending = self.teacher.score_async(ids, starts), self.student.score_async(ids, starts)
+            teacher_rows, student_rows = (p.result() for p in pending)
+            for seq, t_row, s_row in zip(active, teacher_rows, student_rows):
+                self._accept(seq, torch.from_numpy(t_row[0]), torch.from_numpy(s_row[0]))
+                on_tokens(1)
+            self.rounds += 1
+
+    # -- block-speculative ---------------------------------------------------------------
+    def _block_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:
+        states = [_State(s, self.cfg.draft_tokens) for s in seqs]
+        while active := [st for st in states if not st.seq.done]:
+            groups = {role: [st for st in active if st.drafter == role] for role in (switch.STUDENT, switch.TEACHER)}
+            engines = {switch.STUDENT: self.student, switch.TEACHER: self.teacher}
+            drafts = {role: self._draft_async(engines[role], group) for role, group in groups.items() if group}
+            drafts = {role: pending.result() for role, pending in drafts.items()}
+            scores = {
+                role: engines[1 - role].score_async(
+                    [st.ids + d.token_ids.tolist() for st, d in zip(groups[role], drafts[role])],
+                    [len(st.ids) for st in groups[role]],
+                )
+                for role in drafts
+            }
+            for role, pending in scores.items():
+                for st, draft, rows in zip(groups[role], drafts[role], pending.result()):
+                    on_tokens(self._walk_block(st, draft, torch.from_numpy(rows)))
+            self.rounds += 1
+
+    def _draft_async(self, engine: EngineHandle, group: list[_State]):
+        return engine.decode_async(
+            [st.ids for st in group],
+            [min(st.k[st.drafter], self.cfg.max_new_tokens - st.seq.position) for st in group],
+            temperature=self.cfg.temperature,
+            seeds=[st.seq.prompt.seed for st in group],
+            positions=[st.seq.position for st in group],
+            stop_token_ids=sorted(self.eos_ids),
+        )
+
+    def _walk_block(self, st: _State, draft, other_rows: torch.Tensor) -> int:
+        """Accept the drafter's tokens up to the first position it does not own; returns tokens added."""
+        drafted = torch.from_numpy(draft.logprobs)
+        m = len(draft.token_ids)
+        if st.drafter == switch.STUDENT:
+            teacher_lp, student_lp = other_rows[:m], drafted
+        else:
+            teacher_lp, student_lp = drafted, other_rows[:m]
+        d = switch.jsd(teacher_lp, student_lp)
+        tau = switch.threshold(np.arange(st.seq.position, st.seq.position + m), self.cfg.switch.tau0,
+                               self.cfg.switch.decay, self.cfg.switch.schedule)
+        own = switch.owners(d, tau)
+        flips = (own != st.drafter).nonzero()
+        run = int(flips[0, 0]) if len(flips) else m
+        if run:
+            st.seq.extend(draft.token_ids[:run], own[:run], d[:run], tau[:run], student_lp[:run], teacher_lp[:run])
+            st.seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)
+        added = run
+        if run < m and not st.seq.done:
+            self._accept(st.seq, teacher_lp[run], student_lp[run])
+            added += 1
+        self._adapt_k(st, run, m)
+        if run < m:
+            st.drafter = 1 - st.drafter
+        return added
+
+    def _adapt_k(self, st: _State, run: int, m: int) -> None:
+        k = st.k[st.drafter]
+        st.k[st.drafter] = min(2 * k, self.cfg.max_draft_tokens) if run == m else max(1, min(k, run + 1))
+
+    def _accept(self, seq: SequenceBuilder, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> None:
+        """Decide and draw the token at seq.position from the two full distributions."""
+        t = seq.position
+        d = switch.jsd(teacher_lp, student_lp)
+        tau = switch.threshold([t], self.cfg.switch.tau0, self.cfg.switch.decay, self.cfg.switch.schedule)
+        owner = int(switch.owners(d.reshape(1), tau)[0])
+        source = teacher_lp if owner == switch.TEACHER else student_lp
+        token = switch.sample_token(source, self.cfg.temperature, seq.prompt.seed, t)
+        seq.extend([token], [owner], [d], tau, student_lp[None], teacher_lp[None])
+        seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)
