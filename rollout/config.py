@@ -49,8 +49,8 @@ class SwitchConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    url: Optional[str] = None      # OpenAI-compatible vLLM server; None = in-process engine
-    api_key: Optional[str] = None
+    url: Optional[str] = None      # OpenAI-compatible vLLM server URL; "local" = switchkd starts one; None = in-process
+    api_key: Optional[str] = None  # or $SWITCHKD_TEACHER_API_KEY; generated for a "local" server
     timeout_s: float = bounded(60.0, lo=0.0, lo_open=True)
     max_retries: int = bounded(5, lo=0)
 

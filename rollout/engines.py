@@ -48,6 +48,9 @@ class EngineHandle:
     def _call(self, method: str, *args, **kwargs):
         if self.actor is not None:
             return _RayPending(getattr(self.actor, method).remote(*args, **kwargs))
+        submit = getattr(self.engine, method + "_async", None)  # ServerTeacher: HTTP on a thread
+        if submit is not None:
+            return submit(*args, **kwargs)
         return _Done(getattr(self.engine, method)(*args, **kwargs))
 
     def decode_async(self, *args, **kwargs):
@@ -81,6 +84,11 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig) -> tuple[EngineHan
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
     handles = []
     for cls, path, engine in specs:
+        if cls is TeacherEngine and engine.server.url is not None:
+            from switchkd.rollout.teacher_server import teacher_from_config
+
+            handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
+            continue
         kwargs = engine_kwargs(path, model, engine, rollout.seed)
         if rollout.use_ray:
             handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs)))

@@ -1,0 +1,720 @@
+"""The teacher engine behind a vLLM OpenAI-compatible server (DESIGN.md 4.3).
+
+``ServerTeacher`` has the interface of ``VLLMEngine`` (``decode``, ``score``, ``vocab_size``,
+``shutdown``) but talks HTTP to ``/v1/completions`` of a vLLM server: one request per
+sequence (sent concurrently; the server batches them), token-id prompts,
+``prompt_logprobs=-1`` / ``logprobs=-1`` (full vocabulary: the server must run with
+``--max-logprobs -1``) and ``return_tokens_as_token_ids``. The JSON log-prob dicts become
+dense float32 ``[rows, V]`` arrays. Tokens are drawn by the server exactly as in-process:
+the request is greedy (``temperature=0``) and carries ``vllm_xargs`` = (seed, position,
+temperature), which SWITCH's logits processor (server flag ``--logits-processors``
+:data:`LOGITS_PROCESSOR_FQCN`) turns into ``switch.sample_token`` of the raw log-probs. Every
+returned token is checked against the returned rows, so a server without the processor
+is refused with a clear error instead of silently sampling something else.
+
+Robustness: per-request timeout, retries with exponential backoff on connection errors,
+timeouts, HTTP 5xx and malformed answers, then one-line :class:`ServerError` naming the
+URL and the problem. HTTP 401/403 (API key) and other 4xx (a refused request) fail at once.
+
+``start_local_server`` launches ``python -m vllm.entrypoints.openai.api_server`` on
+127.0.0.1 with a generated API key and waits for ``/health``; ``stop_local_server`` stops it.
+
+Limits of the server path (stock vLLM front end, no fast path): every full-vocab row is
+sorted and serialised as JSON, and ``prompt_logprobs`` requests bypass the prefix cache and
+return rows for the whole sequence, so ``score`` costs grow with the prefix length. Measured
+on SmolLM2-135M (V = 49,152, 2 busy CPU cores): ~0.9 s per returned row (~4 MB of JSON each),
+e.g. 34 s to score one 40-token sequence; usable for small vocabularies, not yet for real
+teachers at rollout scale (that needs a binary, start-trimmed score endpoint). Log-probs
+below -9999 come back clamped to -9999.0 (vLLM's JSON convention for -inf); they are kept
+as -9999.0 (probability 0 either way).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import operator
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import requests
+
+from switchkd.rollout.vllm_engine import FINISH_REASONS, DecodeResult
+
+# SamplingParams.extra_args keys read by vllm_fastpath.SwitchSamplingLogitsProcessor (same
+# strings as vllm_fastpath.SEED_KEY / POSITION_KEY / TEMPERATURE_KEY; a test checks it). Kept
+# here so a client without vLLM installed can talk to a remote server.
+SEED_KEY = "switch_seed"
+POSITION_KEY = "switch_position"
+TEMPERATURE_KEY = "switch_temperature"
+
+# vLLM's --logits-processors takes "<module>:<qualname>".
+LOGITS_PROCESSOR_FQCN = "switchkd.rollout.teacher_server:ServerSamplingLogitsProcessor"
+TOKEN_ID_PREFIX = "token_id:"  # return_tokens_as_token_ids format (vLLM format_token_id_placeholder)
+_CUT_PREFIX = operator.itemgetter(slice(len(TOKEN_ID_PREFIX), None))
+_GET_LOGPROB = operator.itemgetter("logprob")
+
+
+class ServerError(ValueError):
+    """The teacher server cannot be used: the message names the URL and the problem."""
+
+
+class _Malformed(Exception):
+    """An answer that does not have the expected shape (retried like a server error)."""
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- logits processor
+
+
+def __getattr__(name: str):
+    """``ServerSamplingLogitsProcessor`` is built on first access (it needs vLLM), so that a
+    client without vLLM can import this module; vLLM's FQCN loader reaches it via getattr."""
+    if name == "ServerSamplingLogitsProcessor":
+        from switchkd.rollout import vllm_fastpath
+
+        class ServerSamplingLogitsProcessor(vllm_fastpath.SwitchSamplingLogitsProcessor):
+            """SWITCH sampling for a vLLM server: the same processor, without installing the
+            fast log-prob patches. Those replace the worker's log-prob layout and need the
+            matching front end in the same process; the OpenAI server's front end is stock
+            (it serialises ``{token_id: Logprob}`` dicts), so the server stays stock too."""
+
+            def __init__(self, vllm_config, device, is_pin_memory) -> None:  # noqa: D107
+                self.states = {}
+
+        ServerSamplingLogitsProcessor.__module__ = __name__
+        globals()[name] = ServerSamplingLogitsProcessor
+        return ServerSamplingLogitsProcessor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------- JSON -> arrays
+
+
+def _dense_rows(rows: Sequence[Any], vocab: int, keyed_by: str) -> np.ndarray:
+    """Full-vocab JSON log-prob dicts -> float32 [len(rows), vocab].
+
+    ``keyed_by="token_id"``: ``{"token_id:<id>": logprob}`` (completion ``top_logprobs``);
+    ``keyed_by="int"``: ``{"<id>": {"logprob": x, ...}}`` (``prompt_logprobs``).
+    Raises _Malformed unless every row covers the whole vocabulary exactly once.
+    """
+    out = np.empty((len(rows), vocab), np.float32)
+    for r, d in enumerate(rows):
+        if not isinstance(d, dict):
+            raise _Malformed(f"log-prob row {r} is {type(d).__name__}, not an object")
+        if len(d) != vocab:
+            raise _Malformed(
+                f"log-prob row {r} has {len(d)} entries, expected the full vocabulary ({vocab}); "
+                f"is the server started with --max-logprobs -1?")
+        try:
+            if keyed_by == "token_id":
+                ids = np.fromiter(map(int, map(_CUT_PREFIX, d)), np.int64, vocab)
+                vals = np.fromiter(d.values(), np.float64, vocab)
+            else:
+                ids = np.fromiter(map(int, d), np.int64, vocab)
+                vals = np.fromiter(map(_GET_LOGPROB, d.values()), np.float64, vocab)
+        except (TypeError, ValueError, KeyError) as e:
+            raise _Malformed(f"log-prob row {r}: {_one_line(e, 120)}") from None
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise _Malformed(f"log-prob row {r}: token id out of range [0, {vocab})")
+        mark = np.zeros(vocab, np.bool_)
+        mark[ids] = True
+        if not mark.all():
+            raise _Malformed(f"log-prob row {r}: duplicate token ids (not a full-vocabulary row)")
+        out[r, ids] = vals
+    if not np.isfinite(out).all():  # -inf arrives as -9999.0; NaN / inf are not log-probs
+        raise _Malformed("log-prob rows contain non-finite values")
+    return out
+
+
+def _token_ids(tokens: Any) -> np.ndarray:
+    if not isinstance(tokens, list):
+        raise _Malformed("logprobs.tokens missing")
+    try:
+        if any(not t.startswith(TOKEN_ID_PREFIX) for t in tokens):
+            raise ValueError
+        return np.fromiter(map(int, map(_CUT_PREFIX, tokens)), np.int64, len(tokens))
+    except (AttributeError, ValueError):
+        raise _Malformed("logprobs.tokens are not 'token_id:<id>' strings "
+                         "(the server ignored return_tokens_as_token_ids)") from None
+
+
+def _choice(data: Any) -> dict:
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or len(data["choices"]) != 1:
+        raise _Malformed("answer has no single 'choices' entry")
+    choice = data["choices"][0]
+    if not isinstance(choice, dict):
+        raise _Malformed("choices[0] is not an object")
+    return choice
+
+
+def _logprobs(choice: dict) -> dict:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict) or not isinstance(lp.get("top_logprobs"), list):
+        raise _Malformed("choices[0].logprobs.top_logprobs missing")
+    return lp
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class ServerTeacher:
+    """A teacher engine served by vLLM's OpenAI-compatible server (same interface as VLLMEngine).
+
+    ``url``: the server root (``http://host:port``, with or without ``/v1``). ``timeout_s``:
+    per-request read timeout (connect timeout is ``min(timeout_s, 10)``); ``max_retries``:
+    further attempts after a failed one, ``backoff_s * 2**i`` apart (at most ``backoff_max_s``).
+    ``process``: a server started by :func:`start_local_server`, stopped by ``shutdown()``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        max_concurrency: int = 16,
+        model: str | None = None,
+        vocab_size: int | None = None,
+        process: subprocess.Popen | None = None,
+    ) -> None:
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1:
+            raise ValueError("timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_concurrency >= 1 required")
+        base = url.rstrip("/")
+        self.url = base[: -len("/v1")] if base.endswith("/v1") else base
+        self.api_key = api_key
+        self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
+        self.backoff_s, self.backoff_max_s = float(backoff_s), float(backoff_max_s)
+        self.process = process
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._max_concurrency = int(max_concurrency)
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="teacher-http")
+        self._caller = ThreadPoolExecutor(1, thread_name_prefix="teacher-call")
+        self._closed = False
+        try:
+            card = self._model_card(model)
+            self.model: str = card["id"]
+            self.max_model_len: int | None = card.get("max_model_len")
+            self._vocab_size = int(vocab_size) if vocab_size else self._probe_vocab_size()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=self._max_concurrency)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            if self.api_key:
+                s.headers["Authorization"] = f"Bearer {self.api_key}"
+            s.trust_env = not _is_loopback(self.url)  # no HTTP(S)_PROXY detour for 127.0.0.1
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def _fail(self, path: str, problem: str) -> ServerError:
+        return ServerError(f"teacher server {self.url}{path}: {_one_line(problem)}")
+
+    def _request(self, method: str, path: str, payload: dict | None, parse: Callable[[Any], Any]):
+        """One call with retries; ``parse(json)`` validates the answer (raising _Malformed)."""
+        attempts = self.max_retries + 1
+        problem, tried = "", 0
+        for attempt in range(attempts):
+            tried = attempt + 1
+            if attempt:
+                delay = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(delay * (1.0 + 0.25 * random.random()))
+            if self._closed:
+                raise self._fail(path, "client is shut down")
+            try:
+                resp = self._session().request(
+                    method, self.url + path, json=payload, timeout=(min(self.timeout_s, 10.0), self.timeout_s))
+            except requests.Timeout:
+                problem = f"no answer within the {self.timeout_s:g} s timeout"
+                continue
+            except requests.ConnectionError as e:
+                problem = f"cannot connect ({_short_connection_error(e)})"
+                continue
+            except requests.RequestException as e:
+                problem = f"request failed ({type(e).__name__}: {_one_line(e, 160)})"
+                continue
+            code = resp.status_code
+            if code in (401, 403):
+                raise self._fail(path, f"HTTP {code} {_error_text(resp)}: the API key was refused "
+                                       "(check rollout.teacher.server.api_key)")
+            if code >= 500:
+                problem = f"HTTP {code} {_error_text(resp)}"
+                continue
+            if code >= 400:
+                raise self._fail(path, f"HTTP {code}: request refused: {_error_text(resp)}")
+            try:
+                data = json.loads(resp.content)
+            except ValueError as e:
+                problem = f"malformed JSON in the answer ({e}; starts {resp.content[:60]!r})"
+                continue
+            try:
+                return parse(data)
+            except _Malformed as e:
+                problem = f"malformed answer: {e}"
+                if "max-logprobs" in str(e):
+                    break  # a configuration problem: retrying cannot help
+                continue
+        raise self._fail(path, f"{problem} (gave up after {tried} attempt{'s' if tried > 1 else ''})")
+
+    def _model_card(self, model: str | None) -> dict:
+        def parse(data):
+            cards = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and "id" in c for c in cards):
+                raise _Malformed("/v1/models lists no model")
+            return cards
+
+        cards = self._request("GET", "/v1/models", None, parse)
+        if model is None:
+            return cards[0]
+        for c in cards:
+            if c["id"] == model:
+                return c
+        raise self._fail("/v1/models", f"serves {[c['id'] for c in cards]}, not {model!r}")
+
+    def _probe_vocab_size(self) -> int:
+        payload = {"model": self.model, "prompt": [0], "max_tokens": 1, "temperature": 0.0, "logprobs": -1,
+                   "return_tokens_as_token_ids": True, "ignore_eos": True}
+
+        def parse(data):
+            top = _logprobs(_choice(data))["top_logprobs"]
+            if len(top) != 1 or not isinstance(top[0], dict) or not top[0]:
+                raise _Malformed("probe answer has no log-prob row")
+            return len(top[0])
+
+        return self._request("POST", "/v1/completions", payload, parse)
+
+    # ------------------------------------------------------------------ interface
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def shutdown(self) -> None:
+        """Close the HTTP client and stop the server if this object started it; idempotent."""
+        self._closed = True
+        for pool in (getattr(self, "_caller", None), getattr(self, "_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+        if self.process is not None:
+            stop_local_server(self.process)
+            self.process = None
+
+    def decode_async(self, *args, **kwargs) -> Future:
+        """``decode`` on a background thread (a Future: ``.result()``)."""
+        return self._caller.submit(self.decode, *args, **kwargs)
+
+    def score_async(self, *args, **kwargs) -> Future:
+        """``score`` on a background thread (a Future: ``.result()``)."""
+        return self._caller.submit(self.score, *args, **kwargs)
+
+    def _check_tokens(self, seqs: Sequence[Sequence[int]], extra: Sequence[int], what: str) -> None:
+        for i, (s, n) in enumerate(zip(seqs, extra)):
+            if len(s) == 0:
+                raise ValueError(f"{what}[{i}] is empty")
+            if self.max_model_len and len(s) + n > self.max_model_len:
+                raise ValueError(f"{what}[{i}]: {len(s)} tokens + {n} > max_model_len {self.max_model_len}")
+            if min(s) < 0 or max(s) >= self._vocab_size:
+                raise ValueError(f"{what}[{i}]: token id out of range [0, {self._vocab_size})")
+
+    def _map(self, fn, items: list) -> list:
+        if len(items) == 1:
+            return [fn(items[0])]
+        futures = [self._pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def decode(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        *,
+        temperature: float,
+        seeds: list[int],
+        positions: list[int],
+        stop_token_ids: list[int],
+    ) -> list[DecodeResult]:
+        """Continue every prompt; token t of prompt i (t counted from ``positions[i]``) is
+        ``switch.sample_token(logprobs_row, temperature, seeds[i], t)`` (checked here)."""
+        n = len(prompts)
+        if not (len(max_tokens) == len(seeds) == len(positions) == n):
+            raise ValueError("prompts, max_tokens, seeds and positions must have the same length")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if any(m < 0 for m in max_tokens):
+            raise ValueError("max_tokens must be >= 0")
+        for i, seed in enumerate(seeds):
+            if not 0 <= int(seed) < 2**31:
+                raise ValueError(f"seeds[{i}]={seed} must be in [0, 2**31)")
+        self._check_tokens(prompts, list(max_tokens), "prompts")
+        stops = sorted({int(t) for t in stop_token_ids})
+        V = self._vocab_size
+
+        def one(i: int) -> DecodeResult:
+            m = int(max_tokens[i])
+            if m == 0:
+                return DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length")
+            payload = {
+                "model": self.model, "prompt": [int(t) for t in prompts[i]], "max_tokens": m,
+                "temperature": 0.0, "logprobs": -1, "return_tokens_as_token_ids": True,
+                "ignore_eos": True, "stop_token_ids": stops, "skip_special_tokens": False,
+                "vllm_xargs": {SEED_KEY: int(seeds[i]), POSITION_KEY: int(positions[i]),
+                               TEMPERATURE_KEY: float(temperature)},
+            }
+
+            def parse(data) -> DecodeResult:
+                choice = _choice(data)
+                lp = _logprobs(choice)
+                tokens = _token_ids(lp.get("tokens"))
+                if not 1 <= len(tokens) <= m or len(lp["top_logprobs"]) != len(tokens):
+                    raise _Malformed(f"{len(tokens)} tokens / {len(lp['top_logprobs'])} log-prob rows "
+                                     f"for max_tokens={m}")
+                reason = choice.get("finish_reason")
+                if reason not in FINISH_REASONS:
+                    raise _Malformed(f"finish_reason {reason!r}")
+                return DecodeResult(tokens, _dense_rows(lp["top_logprobs"], V, "token_id"), reason)
+
+            result = self._request("POST", "/v1/completions", payload, parse)
+            self._check_draws(result, temperature, int(seeds[i]), int(positions[i]))
+            return result
+
+        return self._map(one, list(range(n)))
+
+    def _check_draws(self, result: DecodeResult, temperature: float, seed: int, position: int) -> None:
+        """Every token must be switch.sample_token of its row: the server's logits processor is there."""
+        from switchkd.rollout import switch
+
+        tokens, rows = result.token_ids, result.logprobs
+        if temperature == 0:  # greedy: the token's log-prob is the row maximum (ties allowed)
+            bad = np.flatnonzero(rows[np.arange(len(tokens)), tokens] < rows.max(axis=1))[:1].tolist()
+        else:
+            bad = [j for j in range(len(tokens))
+                   if switch.sample_token(rows[j], temperature, seed, position + j) != int(tokens[j])][:1]
+        if bad:
+            j = bad[0]
+            raise self._fail("/v1/completions", (
+                f"token {int(tokens[j])} at response position {position + j} is not SWITCH's draw from the "
+                f"returned distribution (T={temperature:g}, seed={seed}): start the server with "
+                f"--logits-processors {LOGITS_PROCESSOR_FQCN} (start_local_server does)"))
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
+        """For sequence s (length L) and start a (1 <= a <= L): float32 [L - a + 1, V] whose
+        row r is the next-token distribution after s[:a + r] (the last row: after all of s)."""
+        if len(sequences) != len(starts):
+            raise ValueError("sequences and starts must have the same length")
+        for i, (s, a) in enumerate(zip(sequences, starts)):
+            if not 1 <= a <= len(s):
+                raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
+        self._check_tokens(sequences, [1] * len(sequences), "sequences")
+        V = self._vocab_size
+
+        def one(i: int) -> np.ndarray:
+            s, a = [int(t) for t in sequences[i]], int(starts[i])
+            payload = {
+                "model": self.model, "prompt": s, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": -1, "prompt_logprobs": -1, "return_tokens_as_token_ids": True,
+                "ignore_eos": True, "skip_special_tokens": False,
+            }
+
+            def parse(data) -> np.ndarray:
+                choice = _choice(data)
+                plp = choice.get("prompt_logprobs")
+                if not isinstance(plp, list) or len(plp) != len(s):
+                    raise _Malformed(f"prompt_logprobs has {len(plp) if isinstance(plp, list) else 'no'} "
+                                     f"entries for a {len(s)}-token prompt")
+                top = _logprobs(choice)["top_logprobs"]
+                if len(top) != 1:
+                    raise _Malformed(f"{len(top)} completion log-prob rows, expected 1")
+                return _score_rows(plp[a:], top[0], V)
+
+            return self._request("POST", "/v1/completions", payload, parse)
+
+        return self._map(one, list(range(len(sequences))))
+
+
+def _score_rows(prompt_rows: list, last_row: Any, vocab: int) -> np.ndarray:
+    out = np.empty((len(prompt_rows) + 1, vocab), np.float32)
+    out[:-1] = _dense_rows(prompt_rows, vocab, "int")
+    out[-1] = _dense_rows([last_row], vocab, "token_id")[0]
+    return out
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _error_text(resp: requests.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return _one_line(resp.text, 160) or resp.reason or ""
+    if isinstance(data, dict):
+        err = data.get("error", data.get("message", data))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return _one_line(err, 200)
+    return _one_line(data, 160)
+
+
+def _short_connection_error(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "No route to host",
+                   "Connection reset", "Remote end closed connection", "Temporary failure in name resolution"):
+        if marker in text:
+            return marker.lower()
+    return _one_line(text, 160)
+
+
+# ----------------------------------------------------------------------------- local server
+
+_STARTED: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: str | None, lines: int = 25) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode("utf-8", "replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(tail)
+
+
+def server_command(model_dir: str, *, dtype: str, port: int, extra_args: Sequence[str] = (),
+                   enforce_eager: bool = True, skip_tokenizer_init: bool = True) -> list[str]:
+    """The vLLM OpenAI server command line (the API key travels in VLLM_API_KEY, not here).
+
+    ``--skip-tokenizer-init``: requests are token ids and answers are read by id, so the
+    server need not detokenize every full-vocabulary log-prob entry (``decoded_token`` null)."""
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", dtype, *(["--enforce-eager"] if enforce_eager else []), "--max-logprobs", "-1",
+        *(["--skip-tokenizer-init"] if skip_tokenizer_init else []),
+        "--logits-processors", LOGITS_PROCESSOR_FQCN,
+        *map(str, extra_args),
+    ]
+
+
+def start_local_server(
+    model_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    port: int | None = None,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    kv_cache_space_gb: float = 1,
+    threads: str | None = None,
+    enforce_eager: bool = True,
+    skip_tokenizer_init: bool = True,
+    env: dict[str, str] | None = None,
+    startup_timeout_s: float = 600.0,
+    log_path: str | os.PathLike | None = None,
+    wait: bool = True,
+) -> tuple[str, str, subprocess.Popen]:
+    """Start a vLLM OpenAI server for ``model_dir`` on 127.0.0.1; returns (url, api_key, process).
+
+    The key (generated with ``secrets`` unless given) reaches the server through the
+    ``VLLM_API_KEY`` environment variable, so it does not show in the process list. Server
+    output goes to ``log_path`` (a temporary file by default; ``process.log_path``). Waits for
+    ``/health`` (unless ``wait=False``: then call :func:`wait_for_server`); raises ServerError
+    with the log tail if the server dies or is not ready in ``startup_timeout_s``. Stop it
+    with :func:`stop_local_server` (which deletes the temporary log after a clean stop).
+    """
+    from switchkd.rollout.models import read_model_config
+
+    read_model_config(model_dir, "rollout.teacher.server (local)")
+    port = port or _free_port()
+    api_key = api_key or secrets.token_urlsafe(32)
+    url = f"http://127.0.0.1:{port}"
+    proc_env = dict(os.environ)
+    extra_args = list(extra_args)
+    proc_env.update({"VLLM_API_KEY": api_key, "TOKENIZERS_PARALLELISM": "false"})
+    if float(kv_cache_space_gb).is_integer():
+        proc_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_space_gb))
+    else:  # the env var takes whole GiB only (and would override the flag)
+        proc_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        extra_args += ["--kv-cache-memory-bytes", str(int(kv_cache_space_gb * (1 << 30)))]
+    proc_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's own default (engine core process)
+    if threads:
+        proc_env["VLLM_CPU_OMP_THREADS_BIND"] = str(threads)
+    proc_env.update(env or {})
+    own_log = log_path is None
+    if own_log:
+        fd, log_path = tempfile.mkstemp(prefix=f"switchkd-teacher-server-{port}-", suffix=".log")
+        os.close(fd)
+    log_path = str(log_path)
+    cmd = server_command(str(model_dir), dtype=dtype, port=port, extra_args=extra_args, enforce_eager=enforce_eager,
+                         skip_tokenizer_init=skip_tokenizer_init)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=proc_env, start_new_session=True)
+    proc.log_path, proc.url, proc.model_dir = log_path, url, str(model_dir)  # type: ignore[attr-defined]
+    proc.own_log = own_log  # type: ignore[attr-defined]
+    _STARTED.add(proc)
+    if wait:
+        wait_for_server(proc, startup_timeout_s)
+    return url, api_key, proc
+
+
+def wait_for_server(process: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    """Wait until a server from ``start_local_server(..., wait=False)`` answers /health.
+
+    Raises ServerError with the server's log tail (and stops it) if it exits or times out."""
+    url, log_path = process.url, process.log_path  # type: ignore[attr-defined]
+    what = f"vLLM server for {process.model_dir} at {url}"  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout_s
+    health = requests.Session()
+    health.trust_env = False  # 127.0.0.1: never through a proxy
+    try:
+        while True:
+            rc = process.poll()
+            if rc is not None:
+                raise ServerError(
+                    f"{what} exited with code {rc} during start-up "
+                    f"(log {log_path}); last lines:\n{_log_tail(log_path)}")
+            try:
+                if health.get(url + "/health", timeout=2.0).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"{what} not healthy after {timeout_s:g} s "
+                    f"(log {log_path}); last lines:\n{_log_tail(log_path)}")
+            time.sleep(0.5)
+    except BaseException:
+        stop_local_server(process)
+        raise
+    finally:
+        health.close()
+
+
+def stop_local_server(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Stop a server from start_local_server: SIGTERM, wait, then SIGKILL its process group."""
+    pgid = process.pid  # start_new_session: the server leads its own process group
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    # The engine core is a child in the same group; give it a moment, then kill what is left.
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            break
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.wait(10)
+    _STARTED.discard(process)
+    if getattr(process, "own_log", False) and process.returncode in (0, -signal.SIGTERM):
+        try:  # a temporary log of a cleanly stopped server; kept after a crash
+            os.unlink(process.log_path)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+
+
+@atexit.register
+def _stop_leftover_servers() -> None:
+    for proc in list(_STARTED):
+        try:
+            stop_local_server(proc, timeout_s=10.0)
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+API_KEY_ENV = "SWITCHKD_TEACHER_API_KEY"
+LOCAL_URL = "local"
+
+
+def teacher_from_config(path: str, model, engine) -> ServerTeacher:
+    """The teacher engine for ``rollout.teacher.server`` (``engine``: the teacher's EngineConfig).
+
+    ``server.url=local``: switchkd starts its own server for ``path`` on 127.0.0.1 (with
+    ``server.api_key`` or a generated key) and stops it at ``shutdown()``. Any other URL: a
+    running server. The key may also come from $SWITCHKD_TEACHER_API_KEY (keeps it off the
+    command line)."""
+    srv = engine.server
+    api_key = srv.api_key or os.environ.get(API_KEY_ENV) or None
+    if srv.url == LOCAL_URL:
+        extra = ["--max-model-len", str(engine.max_model_len), "--block-size", str(engine.block_size),
+                 "--seed", "0"]
+        if model.trust_remote_code:
+            extra.append("--trust-remote-code")
+        if engine.device == "cuda":
+            extra += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+                      "--tensor-parallel-size", str(engine.tensor_parallel_size)]
+        return launch_teacher(
+            path, dtype=model.dtype, timeout_s=srv.timeout_s, max_retries=srv.max_retries, api_key=api_key,
+            extra_args=extra, kv_cache_space_gb=engine.kv_cache_space_gb,
+            threads=None if engine.threads == "auto" else engine.threads, enforce_eager=engine.enforce_eager)
+    return ServerTeacher(srv.url, api_key, timeout_s=srv.timeout_s, max_retries=srv.max_retries)
+
+
+def launch_teacher(model_dir: str, *, dtype: str = "float32", timeout_s: float = 60.0, max_retries: int = 5,
+                   **server_kwargs) -> ServerTeacher:
+    """Start a local server for ``model_dir`` and return a ServerTeacher that owns it."""
+    url, key, proc = start_local_server(model_dir, dtype=dtype, **server_kwargs)
+    try:
+        return ServerTeacher(url, key, timeout_s=timeout_s, max_retries=max_retries, process=proc)
+    except BaseException:
+        stop_local_server(proc)
+        raise

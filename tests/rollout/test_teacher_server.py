@@ -1,0 +1,341 @@
+"""ServerTeacher against a real vLLM OpenAI server (tiny teacher) and against fake HTTP servers.
+
+One real server for the module (~30 s to start on the CPU); the failure modes (5xx, malformed
+JSON, timeouts, refused connections, a server without SWITCH's logits processor) use a small
+http.server on 127.0.0.1 with tiny timeouts and backoff, so they take well under a second each.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from switchkd.rollout import switch
+from switchkd.rollout.models import ModelError
+from switchkd.rollout.teacher_server import (
+    POSITION_KEY,
+    SEED_KEY,
+    TEMPERATURE_KEY,
+    ServerError,
+    ServerTeacher,
+    start_local_server,
+    stop_local_server,
+    wait_for_server,
+)
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 100, 7, 300, 12, 9, 77, 5, 250]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server_process(tiny_models):
+    """Started (not awaited) before the module's first test, so the fake-server tests run
+    while it boots; stopped after the last one."""
+    url, key, proc = start_local_server(tiny_models["teacher"], dtype="float32", wait=False)
+    try:
+        yield url, key, proc
+    finally:
+        stop_local_server(proc)
+        assert proc.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    url, key, proc = server_process
+    wait_for_server(proc, timeout_s=400)
+    teacher = ServerTeacher(url, key, timeout_s=60, max_retries=2, backoff_s=0.2)
+    yield teacher, url, key, proc
+    teacher.shutdown()
+
+
+def test_local_server_rejects_bad_model_dir(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        start_local_server(tmp_path / "missing")
+
+
+def test_local_server_dying_at_start_shows_log_tail(tiny_models, monkeypatch, tmp_path):
+    from switchkd.rollout import teacher_server
+
+    crash = [sys.executable, "-c", "import sys; print('loading...'); print('RuntimeError: no luck'); sys.exit(3)"]
+    monkeypatch.setattr(teacher_server, "server_command", lambda *a, **k: crash)
+    with pytest.raises(ServerError, match="exited with code 3") as e:
+        start_local_server(tiny_models["teacher"], startup_timeout_s=30, log_path=tmp_path / "server.log")
+    assert "RuntimeError: no luck" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- fake servers
+
+V = 4
+LOGPROBS = np.log(np.array([0.1, 0.2, 0.3, 0.4])).tolist()
+
+
+def good_answer(req: dict) -> dict:
+    """A well-formed /v1/completions answer over a fixed 4-token distribution (greedy: token 3)."""
+    xargs = req.get("vllm_xargs") or {}
+    T = xargs.get(TEMPERATURE_KEY, 0.0)
+    tokens = []
+    for j in range(req["max_tokens"]):
+        tokens.append(switch.sample_token(torch.tensor(LOGPROBS), T, xargs.get(SEED_KEY, 0),
+                                          xargs.get(POSITION_KEY, 0) + j) if T else 3)
+    top = [{f"token_id:{i}": LOGPROBS[i] for i in (3, 0, 2, 1)} for _ in tokens]
+    choice = {"index": 0, "text": "", "finish_reason": "length",
+              "logprobs": {"tokens": [f"token_id:{t}" for t in tokens], "top_logprobs": top}}
+    if req.get("prompt_logprobs") is not None:
+        row = {str(i): {"logprob": LOGPROBS[i], "rank": 4 - i, "decoded_token": None} for i in range(V)}
+        choice["prompt_logprobs"] = [None] + [row] * (len(req["prompt"]) - 1)
+    return {"id": "x", "object": "text_completion", "choices": [choice]}
+
+
+class FakeServer:
+    """Serves /v1/models and /v1/completions; ``modes`` (consumed per completion request,
+    then ``default``): "good", "500", "garbage", "slow", "short" (rows missing entries),
+    "greedy" (ignores vllm_xargs, as a server without the logits processor would)."""
+
+    def __init__(self, modes=(), default="good", delay=1.0):
+        self.modes, self.default, self.delay = list(modes), default, delay
+        self.hits = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                self._send(200, json.dumps({"data": [{"id": "fake", "max_model_len": 64}]}).encode())
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if req.get("prompt") == [0]:  # vocab probe
+                    return self._send(200, json.dumps(good_answer(req)).encode())
+                fake.hits += 1
+                mode = fake.modes.pop(0) if fake.modes else fake.default
+                if mode == "500":
+                    return self._send(500, b'{"error": {"message": "engine crashed"}}')
+                if mode == "garbage":
+                    return self._send(200, b'{"choices": [{"logprobs": ')
+                if mode == "slow":
+                    time.sleep(fake.delay)
+                answer = good_answer(req)
+                if mode == "short":
+                    for row in answer["choices"][0]["logprobs"]["top_logprobs"]:
+                        row.pop("token_id:1")
+                if mode == "greedy":
+                    answer = good_answer({**req, "vllm_xargs": None})
+                self._send(200, json.dumps(answer).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def client(url: str, **kw) -> ServerTeacher:
+    return ServerTeacher(url, "k", **{"timeout_s": 2.0, "max_retries": 3, "backoff_s": 0.01, **kw})
+
+
+def test_fake_server_good_answers_decode_and_score():
+    with FakeServer() as fake:
+        t = client(fake.url)
+        assert t.vocab_size == V and t.model == "fake" and t.max_model_len == 64
+        rows = t.score([[1, 2, 3]], [1])[0]
+        np.testing.assert_allclose(rows, np.tile(np.float32(LOGPROBS), (3, 1)))
+        res = t.decode([[1, 2]], [3], temperature=0.7, seeds=[5], positions=[2], stop_token_ids=[])[0]
+        assert len(res.token_ids) == 3 and res.logprobs.shape == (3, V)
+        t.shutdown()
+
+
+def test_http_500_is_retried():
+    with FakeServer(modes=["500", "500"]) as fake:
+        t = client(fake.url)
+        rows = t.score([[1, 2, 3]], [2])[0]
+        assert rows.shape == (2, V) and fake.hits == 3
+        t.shutdown()
+
+
+def test_malformed_json_forever_fails_clearly():
+    with FakeServer(default="garbage") as fake:
+        t = client(fake.url)
+        with pytest.raises(ServerError, match="malformed JSON") as e:
+            t.score([[1, 2, 3]], [2])
+        assert fake.url in str(e.value) and "gave up after 4 attempts" in str(e.value)
+        assert fake.hits == 4 and "\n" not in str(e.value)
+        t.shutdown()
+
+
+def test_partial_vocabulary_rows_name_max_logprobs():
+    with FakeServer(default="short") as fake:
+        t = client(fake.url)
+        with pytest.raises(ServerError, match="--max-logprobs -1"):
+            t.decode([[1, 2]], [2], temperature=0.0, seeds=[0], positions=[0], stop_token_ids=[])
+        t.shutdown()
+
+
+def test_server_without_logits_processor_is_refused():
+    with FakeServer(default="greedy") as fake:
+        t = client(fake.url)
+        # Pick a (seed, position) whose SWITCH draw is not the argmax, so greedy is visibly wrong.
+        seed = next(s for s in range(100) if switch.sample_token(torch.tensor(LOGPROBS), 1.0, s, 0) != 3)
+        with pytest.raises(ServerError, match="--logits-processors"):
+            t.decode([[1, 2]], [1], temperature=1.0, seeds=[seed], positions=[0], stop_token_ids=[])
+        t.shutdown()
+
+
+def test_slow_answers_time_out():
+    with FakeServer(default="slow", delay=1.5) as fake:
+        t = client(fake.url, timeout_s=2.0)  # the probe and the model card are fast
+        t.timeout_s, t.max_retries = 0.3, 1
+        t0 = time.monotonic()
+        with pytest.raises(ServerError, match="timeout") as e:
+            t.score([[1, 2, 3]], [2])
+        assert fake.url in str(e.value) and time.monotonic() - t0 < 3
+        t.shutdown()
+
+
+def test_unreachable_server_fails_after_retries_quickly():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="cannot connect") as e:
+        client(url, max_retries=2, backoff_s=0.05)
+    assert url in str(e.value) and "gave up after 3 attempts" in str(e.value)
+    assert time.monotonic() - t0 < 3
+
+
+def test_teacher_from_config(monkeypatch):
+    from switchkd.rollout import teacher_server
+    from switchkd.rollout.config import EngineConfig, ModelConfig, ServerConfig
+
+    with FakeServer() as fake:
+        engine = EngineConfig(server=ServerConfig(url=fake.url + "/v1", api_key="k", timeout_s=2.0, max_retries=1))
+        t = teacher_server.teacher_from_config("unused", ModelConfig(), engine)
+        assert t.url == fake.url and t.max_retries == 1 and t.vocab_size == V and t.process is None
+        t.shutdown()
+    seen = {}
+    monkeypatch.setattr(teacher_server, "launch_teacher", lambda path, **kw: seen.update(path=path, **kw))
+    monkeypatch.setenv(teacher_server.API_KEY_ENV, "from-env")
+    teacher_server.teacher_from_config("models/t", ModelConfig(dtype="bfloat16"),
+                                       EngineConfig(threads="1", server=ServerConfig(url="local")))
+    assert seen["path"] == "models/t" and seen["dtype"] == "bfloat16" and seen["api_key"] == "from-env"
+    assert seen["threads"] == "1" and "--block-size" in seen["extra_args"]
+
+
+def test_arguments_are_checked_before_any_request():
+    with FakeServer() as fake:
+        t = client(fake.url)
+        hits = fake.hits
+        with pytest.raises(ValueError, match="starts"):
+            t.score([[1, 2]], [0])
+        with pytest.raises(ValueError, match="out of range"):
+            t.score([[1, V]], [1])
+        with pytest.raises(ValueError, match="max_model_len"):
+            t.decode([[1] * 60], [10], temperature=0.0, seeds=[0], positions=[0], stop_token_ids=[])
+        assert fake.hits == hits and not math.isnan(t.timeout_s)
+        t.shutdown()
+
+
+# ----------------------------------------------------------------------------- real server
+# (last in the file: the server boots while the tests above run)
+
+
+@pytest.fixture(scope="module")
+def hf_teacher(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], torch_dtype=torch.float32).eval()
+
+
+def hf_rows(model, seq: list[int], start: int) -> np.ndarray:
+    """float32 log_softmax rows r = distribution after seq[:start + r], r = 0 .. len(seq) - start."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[start - 1:].numpy()
+
+
+def test_score_matches_hf(hf_teacher, server):
+    teacher = server[0]
+    assert teacher.vocab_size == hf_teacher.config.vocab_size
+    seqs = PROMPTS + [[1, 5]]
+    starts = [2, 6, 2]
+    rows = teacher.score(seqs, starts)
+    for s, a, r in zip(seqs, starts, rows):
+        assert r.dtype == np.float32 and r.shape == (len(s) - a + 1, teacher.vocab_size)
+        np.testing.assert_allclose(r, hf_rows(hf_teacher, s, a), atol=1e-4, rtol=0)
+    # start == len(s): only the distribution after the whole sequence.
+    last = teacher.score([PROMPTS[0]], [len(PROMPTS[0])])[0]
+    np.testing.assert_allclose(last, rows[0][-1:], atol=1e-6, rtol=0)
+
+
+def test_decode_greedy_is_argmax_and_stops(hf_teacher, server):
+    teacher = server[0]
+    out = teacher.decode(PROMPTS, [6, 6], temperature=0.0, seeds=[1, 2], positions=[0, 3], stop_token_ids=[])
+    for p, res in zip(PROMPTS, out):
+        assert res.finish_reason == "length" and res.token_ids.dtype == np.int64
+        assert res.logprobs.shape == (6, teacher.vocab_size) and res.logprobs.dtype == np.float32
+        np.testing.assert_array_equal(res.token_ids, res.logprobs.argmax(axis=1))
+        full = p + res.token_ids.tolist()
+        np.testing.assert_allclose(res.logprobs, hf_rows(hf_teacher, full, len(p))[:-1], atol=1e-4, rtol=0)
+    # A stop token ends the run and is included, last.
+    stop = int(out[0].token_ids[2])
+    first = out[0].token_ids.tolist().index(stop)
+    again = teacher.decode([PROMPTS[0]], [6], temperature=0.0, seeds=[1], positions=[0], stop_token_ids=[stop])[0]
+    assert again.finish_reason == "stop"
+    assert again.token_ids.tolist() == out[0].token_ids[: first + 1].tolist()
+    # max_tokens 0: nothing asked of the server.
+    empty = teacher.decode([PROMPTS[0]], [0], temperature=0.5, seeds=[1], positions=[0], stop_token_ids=[])[0]
+    assert empty.token_ids.shape == (0,) and empty.logprobs.shape == (0, teacher.vocab_size)
+
+
+def test_decode_sampling_is_switch_sample_token(server):
+    # Also checks that SEED_KEY / POSITION_KEY / TEMPERATURE_KEY are the keys the server's
+    # logits processor reads: otherwise it would decode greedily and ServerTeacher refuse it.
+    teacher = server[0]
+    T, seeds, positions = 0.8, [11, 12], [0, 4]
+    out = teacher.decode(PROMPTS, [8, 8], temperature=T, seeds=seeds, positions=positions, stop_token_ids=[])
+    for res, seed, pos in zip(out, seeds, positions):
+        drawn = [switch.sample_token(res.logprobs[j], T, seed, pos + j) for j in range(len(res.token_ids))]
+        assert res.token_ids.tolist() == drawn
+    assert any((r.token_ids != r.logprobs.argmax(axis=1)).any() for r in out), "T=0.8 drew only argmax tokens"
+    # Block boundaries do not matter: continue after 3 tokens at position + 3.
+    p, res = PROMPTS[1], out[1]
+    rest = teacher.decode([p + res.token_ids[:3].tolist()], [5], temperature=T, seeds=[12], positions=[7],
+                          stop_token_ids=[])[0]
+    assert rest.token_ids.tolist() == res.token_ids[3:].tolist()
+    # The async form used by EngineHandle.
+    fut = teacher.decode_async([PROMPTS[0]], [8], temperature=T, seeds=[11], positions=[0], stop_token_ids=[])
+    assert fut.result()[0].token_ids.tolist() == out[0].token_ids.tolist()
+
+
+def test_wrong_api_key_is_refused(server):
+    url = server[1]
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="API key") as e:
+        ServerTeacher(url, "not-the-key", timeout_s=10, max_retries=3, backoff_s=1.0)
+    assert url in str(e.value) and "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 5, "a refused key must not be retried"
