@@ -1,0 +1,264 @@
+"""One vLLM engine (teacher or student) with full-vocab log-probs kept as numpy arrays.
+
+``VLLMEngine`` is a plain class: the generator wraps it with ``ray.remote`` (TeacherEngine /
+StudentEngine), so its constructor takes plain picklable values. Two operations, each one
+batched ``generate`` call:
+
+* ``decode``: continue each prompt by up to ``max_tokens`` tokens, drawn with SWITCH's
+  reproducible sampler (``switch.sample_token`` of the raw distribution, seed and response
+  position), returning the raw full-vocab log-probs at every generated step.
+* ``score``: the next-token distributions of a model along given sequences from a start
+  position on (teacher verification of a draft), reading the prefix cache.
+
+All full-vocab data comes through ``vllm_fastpath`` (no sort, no per-token Python objects).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class DecodeResult:
+    token_ids: np.ndarray      # int64 [n]: generated tokens (a stop token included, last)
+    logprobs: np.ndarray       # float32 [n, V]: raw distribution at each generated step
+    finish_reason: str         # "stop" (a stop token) or "length" (max_tokens / max_model_len)
+
+
+def _configure_env(device: str, kv_cache_space_gb: float, threads: str) -> dict:
+    """Process environment vLLM reads at engine creation; returns extra LLM kwargs."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    extra: dict = {}
+    if device == "cpu":
+        if float(kv_cache_space_gb).is_integer():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_space_gb))
+        else:  # the env var takes whole GiB only and would override kv_cache_memory_bytes
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            extra["kv_cache_memory_bytes"] = int(kv_cache_space_gb * (1 << 30))
+        if threads != "auto":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(threads)
+    else:
+        # The fast path patches the V1 model runner; on GPU vLLM would pick Model Runner V2.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return extra
+
+
+class VLLMEngine:
+    """Owns one in-process ``vllm.LLM`` with the fast log-prob path and SWITCH sampler."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        block_size: int = 32,
+        kv_cache_space_gb: float = 1.0,
+        threads: str = "auto",
+        enforce_eager: bool = True,
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.4,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if kv_cache_space_gb <= 0:
+            raise ValueError(f"kv_cache_space_gb must be > 0, got {kv_cache_space_gb}")
+        self.model = str(model)
+        self.device = device
+        self.block_size = int(block_size)
+        self.max_model_len = int(max_model_len)
+        extra = _configure_env(device, kv_cache_space_gb, str(threads))
+
+        from switchkd.rollout import vllm_fastpath  # version guard at import
+
+        vllm_fastpath.install()
+        from vllm import LLM
+
+        kwargs = dict(
+            model=self.model,
+            dtype=dtype,
+            block_size=self.block_size,
+            enforce_eager=enforce_eager,
+            max_model_len=self.max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            max_logprobs=-1,
+            logprobs_mode="raw_logprobs",
+            enable_prefix_caching=True,
+            skip_tokenizer_init=True,
+            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN],
+            **extra,
+        )
+        if device != "cpu":
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self._fastpath = vllm_fastpath
+        self.llm = LLM(**kwargs)
+        self._vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        self._closed = False
+        # Diagnostics of the last score() call: prefix-cache hits per sequence, and which
+        # sequences were scored again without reading the cache.
+        self.last_score_stats: dict = {"num_cached_tokens": [], "rescored": []}
+
+    # ------------------------------------------------------------------ properties / admin
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def shutdown(self) -> None:
+        """Stop the engine core (frees its shared memory); idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.llm = None
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: list):
+        if self._closed:
+            raise RuntimeError("VLLMEngine is shut down")
+        inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
+        return self.llm.generate(inputs, params, use_tqdm=False)
+
+    def _check_tokens(self, seqs: Sequence[Sequence[int]], extra: Sequence[int], what: str) -> None:
+        for i, (s, n) in enumerate(zip(seqs, extra)):
+            if len(s) == 0:
+                raise ValueError(f"{what}[{i}] is empty")
+            if len(s) + n > self.max_model_len:
+                raise ValueError(f"{what}[{i}]: {len(s)} tokens + {n} > max_model_len {self.max_model_len}")
+            lo, hi = min(s), max(s)
+            if lo < 0 or hi >= self._vocab_size:
+                raise ValueError(f"{what}[{i}]: token id out of range [0, {self._vocab_size})")
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        *,
+        temperature: float,
+        seeds: list[int],
+        positions: list[int],
+        stop_token_ids: list[int],
+    ) -> list[DecodeResult]:
+        """Continue every prompt (one batched call). Token t of prompt i (t counted from
+        ``positions[i]``) is ``switch.sample_token(logprobs_row, temperature, seeds[i], t)``."""
+        from vllm import SamplingParams
+
+        n = len(prompts)
+        if not (len(max_tokens) == len(seeds) == len(positions) == n):
+            raise ValueError("prompts, max_tokens, seeds and positions must have the same length")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if any(m < 0 for m in max_tokens):
+            raise ValueError("max_tokens must be >= 0")
+        self._check_tokens(prompts, [max(m, 0) for m in max_tokens], "prompts")
+        stops = sorted({int(t) for t in stop_token_ids})
+        V = self._vocab_size
+        results: list[DecodeResult | None] = [None] * n
+        todo = [i for i in range(n) if max_tokens[i] > 0]
+        for i in range(n):
+            if max_tokens[i] == 0:
+                results[i] = DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length")
+        if todo:
+            params = [
+                SamplingParams(
+                    max_tokens=int(max_tokens[i]), temperature=0.0, logprobs=-1, detokenize=False,
+                    ignore_eos=True, stop_token_ids=stops,
+                    extra_args=self._fastpath.switch_extra_args(seeds[i], positions[i], temperature),
+                )
+                for i in todo
+            ]
+            outs = self._generate([prompts[i] for i in todo], params)
+            for i, out in zip(todo, outs):
+                comp = out.outputs[0]
+                tokens = np.asarray(comp.token_ids, dtype=np.int64)
+                lp = comp.logprobs
+                if not isinstance(lp, self._fastpath.FullVocabLogprobs):
+                    raise RuntimeError(f"fast log-prob path not active (got {type(lp).__name__})")
+                rows = lp.to_numpy()
+                if rows.shape != (len(tokens), V):
+                    raise RuntimeError(f"log-prob rows {rows.shape} do not match {len(tokens)} tokens x {V}")
+                reason = comp.finish_reason
+                if reason not in FINISH_REASONS:
+                    raise RuntimeError(f"request {i} finished with {reason!r}")
+                results[i] = DecodeResult(tokens, rows, reason)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ score
+
+    def score(self, sequences: list[list[int]], starts: list[int], *,
+              read_prefix_cache: bool = True) -> list[np.ndarray]:
+        """For sequence s (length L) and start a (1 <= a <= L): float32 [L - a + 1, V] whose
+        row r is the next-token distribution after s[:a + r]. One batched call (plus one for
+        the requests whose prefix-cache hit covered the row predicting s[a]).
+        ``read_prefix_cache=False`` computes every sequence from scratch (for checks)."""
+        if len(sequences) != len(starts):
+            raise ValueError("sequences and starts must have the same length")
+        for i, (s, a) in enumerate(zip(sequences, starts)):
+            if not 1 <= a <= len(s):
+                raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
+        self._check_tokens(sequences, [1] * len(sequences), "sequences")
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        idx = list(range(len(sequences)))
+        self.last_score_stats = {"num_cached_tokens": [0] * len(sequences), "rescored": []}
+        retry = self._score_into(results, sequences, starts, idx, read_cache=read_prefix_cache)
+        self.last_score_stats["rescored"] = list(retry)
+        if retry:
+            if not read_prefix_cache:
+                raise RuntimeError(f"prompt log-probs missing for sequences {retry} without the prefix cache")
+            left = self._score_into(results, sequences, starts, retry, read_cache=False)
+            if left:
+                raise RuntimeError(f"prompt log-probs missing for sequences {left} even without the prefix cache")
+        return results  # type: ignore[return-value]
+
+    def _score_into(self, results, sequences, starts, idx, *, read_cache: bool) -> list[int]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=-1, prompt_logprobs=-1, detokenize=False,
+            ignore_eos=True, skip_reading_prefix_cache=not read_cache,
+        )
+        outs = self._generate([sequences[i] for i in idx], [params] * len(idx))
+        V = self._vocab_size
+        missing = []
+        for i, out in zip(idx, outs):
+            s, a = sequences[i], starts[i]
+            plp = out.prompt_logprobs
+            if not isinstance(plp, self._fastpath.FullVocabPromptLogprobs):
+                raise RuntimeError(f"fast log-prob path not active (got {type(plp).__name__})")
+            # Rows inside the cached prefix are never computed (ENVIRONMENT.md).
+            cached = int(out.num_cached_tokens or 0)
+            if read_cache:
+                self.last_score_stats["num_cached_tokens"][i] = cached
+            first = max(plp.first_position, cached + 1)
+            if a < len(s) and first > a:
+                missing.append(i)
+                continue
+            last = out.outputs[0].logprobs.to_numpy()
+            if last.shape != (1, V):
+                raise RuntimeError(f"final-step log-probs have shape {last.shape}, expected (1, {V})")
+            rows = plp.to_numpy()[a - plp.first_position:] if a < len(s) else np.zeros((0, V), np.float32)
+            if np.isnan(rows).any():  # a row the engine did not compute (see vllm_fastpath)
+                missing.append(i)
+                continue
+            block = np.empty((len(s) - a + 1, V), np.float32)
+            block[:-1] = rows
+            block[-1] = last[0]
+            results[i] = block
+        return missing
