@@ -27,6 +27,7 @@ class RolloutSummary:
     teacher_fraction: float
     teacher_fraction_by_position: dict[str, float]
     finish_reasons: Counter
+    topk_agreement: float | None = None    # rollout.switch.logprobs=topk: decisions equal to exact ones
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
@@ -38,7 +39,7 @@ class RolloutSummary:
             f"teacher-token fraction: {self.teacher_fraction:.3f}",
             f"teacher fraction by position: {buckets}",
             f"finish reasons: {dict(self.finish_reasons)}",
-        ]
+        ] + ([f"top-k decision agreement with exact: {self.topk_agreement:.4f}"] if self.topk_agreement is not None else [])
 
 
 def load_prompts(data: DataConfig, tokenizer, run_seed: int) -> tuple[list[Prompt], Counter]:
@@ -104,4 +105,6 @@ def run_generate(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, o
     finally:
         getattr(generator, "shutdown", lambda: None)()
     schema.write_parquet(schema.to_table([s.row(policy_version) for s in seqs]), output)
-    return summarize(seqs, skipped, seconds)
+    summary = summarize(seqs, skipped, seconds)
+    summary.topk_agreement = generator.rule.agreement
+    return summary

@@ -34,6 +34,7 @@ class HFSwitchGenerator:
     def __init__(self, teacher, student, cfg: RolloutConfig, eos_ids: set[int], pad_id: int):
         self.teacher, self.student, self.cfg = teacher, student, cfg
         self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.rule = switch.OwnerRule(cfg.switch)
 
     def generate(self, prompts: list[Prompt], on_tokens: Callable[[int], None] = lambda n: None) -> list[SequenceBuilder]:
         """Roll out ``prompts`` in batches of rollout.batch_size; returns one builder per prompt."""
@@ -56,9 +57,7 @@ class HFSwitchGenerator:
         for t in range(cfg.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             lp_t, lp_s, caches = self._next_logprobs(input_ids, mask, positions, caches)
-            d = switch.jsd(lp_t, lp_s)
-            tau = switch.threshold([t], cfg.switch.tau0, cfg.switch.decay, cfg.switch.schedule).expand(len(seqs))
-            own = switch.owners(d, tau)
+            d, tau, own = self.rule.decide(lp_t, lp_s, [t] * len(seqs))
             next_ids = torch.full((len(seqs), 1), self.pad_id, dtype=torch.long)
             for i, seq in enumerate(seqs):
                 if seq.done:

