@@ -29,6 +29,14 @@ class _Done:
         return self.value
 
 
+class _Both:
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def result(self):
+        return self.first.result(), self.second.result()
+
+
 class _RayPending:
     def __init__(self, ref):
         self.ref = ref
@@ -58,6 +66,15 @@ class EngineHandle:
 
     def score_async(self, *args, **kwargs):
         return self._call("score", *args, **kwargs)
+
+    def step_async(self, decode: dict | None, score: dict | None):
+        """Drafting for some sequences and scoring others' drafts in one engine call."""
+        if self.actor is not None or hasattr(self.engine, "step"):
+            return self._call("step", decode, score)
+        # An engine without a fused step (a server teacher): two calls, run concurrently.
+        pending = (self.decode_async(**decode) if decode else _Done([]),
+                   self.score_async(**score) if score else _Done([]))
+        return _Both(*pending)
 
     def shutdown(self) -> None:
         if self.actor is not None:

@@ -158,6 +158,21 @@ class VLLMEngine:
     ) -> list[DecodeResult]:
         """Continue every prompt (one batched call). Token t of prompt i (t counted from
         ``positions[i]``) is ``switch.sample_token(logprobs_row, temperature, seeds[i], t)``."""
+        decoded, _ = self.step(dict(prompts=prompts, max_tokens=max_tokens, temperature=temperature, seeds=seeds,
+                                    positions=positions, stop_token_ids=stop_token_ids), None)
+        return decoded
+
+    def step(self, decode: dict | None, score: dict | None) -> tuple[list[DecodeResult], list[np.ndarray]]:
+        """Serve a decode batch and a score batch (keyword arguments of ``decode`` / ``score``)
+        in ONE generate call, so drafting for some sequences and verifying others' drafts
+        share engine steps. Returns (decode results, score rows)."""
+        d_prompts, d_params, d_todo, d_results = self._decode_requests(**decode) if decode else ([], [], [], [])
+        s_prompts, s_params = self._score_requests(**score, read_cache=True) if score else ([], [])
+        outs = self._generate(d_prompts + s_prompts, d_params + s_params) if d_prompts or s_prompts else []
+        self._decode_collect(d_results, d_todo, outs[: len(d_prompts)])
+        return d_results, (self._score_collect(score, outs[len(d_prompts):]) if score else [])
+
+    def _decode_requests(self, prompts, max_tokens, *, temperature, seeds, positions, stop_token_ids):
         from vllm import SamplingParams
 
         n = len(prompts)
@@ -170,35 +185,36 @@ class VLLMEngine:
         self._check_tokens(prompts, [max(m, 0) for m in max_tokens], "prompts")
         stops = sorted({int(t) for t in stop_token_ids})
         V = self._vocab_size
-        results: list[DecodeResult | None] = [None] * n
+        results: list = [
+            DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length") if m == 0 else None
+            for m in max_tokens
+        ]
         todo = [i for i in range(n) if max_tokens[i] > 0]
-        for i in range(n):
-            if max_tokens[i] == 0:
-                results[i] = DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length")
-        if todo:
-            params = [
-                SamplingParams(
-                    max_tokens=int(max_tokens[i]), temperature=0.0, logprobs=-1, detokenize=False,
-                    ignore_eos=True, stop_token_ids=stops,
-                    extra_args=self._fastpath.switch_extra_args(seeds[i], positions[i], temperature),
-                )
-                for i in todo
-            ]
-            outs = self._generate([prompts[i] for i in todo], params)
-            for i, out in zip(todo, outs):
-                comp = out.outputs[0]
-                tokens = np.asarray(comp.token_ids, dtype=np.int64)
-                lp = comp.logprobs
-                if not isinstance(lp, self._fastpath.FullVocabLogprobs):
-                    raise RuntimeError(f"fast log-prob path not active (got {type(lp).__name__})")
-                rows = lp.to_numpy()
-                if rows.shape != (len(tokens), V):
-                    raise RuntimeError(f"log-prob rows {rows.shape} do not match {len(tokens)} tokens x {V}")
-                reason = comp.finish_reason
-                if reason not in FINISH_REASONS:
-                    raise RuntimeError(f"request {i} finished with {reason!r}")
-                results[i] = DecodeResult(tokens, rows, reason)
-        return results  # type: ignore[return-value]
+        params = [
+            SamplingParams(
+                max_tokens=int(max_tokens[i]), temperature=0.0, logprobs=-1, detokenize=False,
+                ignore_eos=True, stop_token_ids=stops,
+                extra_args=self._fastpath.switch_extra_args(seeds[i], positions[i], temperature),
+            )
+            for i in todo
+        ]
+        return [prompts[i] for i in todo], params, todo, results
+
+    def _decode_collect(self, results: list, todo: list[int], outs) -> None:
+        V = self._vocab_size
+        for i, out in zip(todo, outs):
+            comp = out.outputs[0]
+            tokens = np.asarray(comp.token_ids, dtype=np.int64)
+            lp = comp.logprobs
+            if not isinstance(lp, self._fastpath.FullVocabLogprobs):
+                raise RuntimeError(f"fast log-prob path not active (got {type(lp).__name__})")
+            rows = lp.to_numpy()
+            if rows.shape != (len(tokens), V):
+                raise RuntimeError(f"log-prob rows {rows.shape} do not match {len(tokens)} tokens x {V}")
+            reason = comp.finish_reason
+            if reason not in FINISH_REASONS:
+                raise RuntimeError(f"request {i} finished with {reason!r}")
+            results[i] = DecodeResult(tokens, rows, reason)
 
     # ------------------------------------------------------------------ score
 
@@ -208,33 +224,42 @@ class VLLMEngine:
         row r is the next-token distribution after s[:a + r]. One batched call (plus one for
         the requests whose prefix-cache hit covered the row predicting s[a]).
         ``read_prefix_cache=False`` computes every sequence from scratch (for checks)."""
+        prompts, params = self._score_requests(sequences, starts, read_cache=read_prefix_cache)
+        request = dict(sequences=sequences, starts=starts)
+        return self._score_collect(request, self._generate(prompts, params), read_cache=read_prefix_cache)
+
+    def _score_requests(self, sequences, starts, *, read_cache: bool):
+        from vllm import SamplingParams
+
         if len(sequences) != len(starts):
             raise ValueError("sequences and starts must have the same length")
         for i, (s, a) in enumerate(zip(sequences, starts)):
             if not 1 <= a <= len(s):
                 raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
         self._check_tokens(sequences, [1] * len(sequences), "sequences")
-        results: list[np.ndarray | None] = [None] * len(sequences)
-        idx = list(range(len(sequences)))
-        self.last_score_stats = {"num_cached_tokens": [0] * len(sequences), "rescored": []}
-        retry = self._score_into(results, sequences, starts, idx, read_cache=read_prefix_cache)
-        self.last_score_stats["rescored"] = list(retry)
-        if retry:
-            if not read_prefix_cache:
-                raise RuntimeError(f"prompt log-probs missing for sequences {retry} without the prefix cache")
-            left = self._score_into(results, sequences, starts, retry, read_cache=False)
-            if left:
-                raise RuntimeError(f"prompt log-probs missing for sequences {left} even without the prefix cache")
-        return results  # type: ignore[return-value]
-
-    def _score_into(self, results, sequences, starts, idx, *, read_cache: bool) -> list[int]:
-        from vllm import SamplingParams
-
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=-1, prompt_logprobs=-1, detokenize=False,
             ignore_eos=True, skip_reading_prefix_cache=not read_cache,
         )
-        outs = self._generate([sequences[i] for i in idx], [params] * len(idx))
+        return list(sequences), [params] * len(sequences)
+
+    def _score_collect(self, request: dict, outs, *, read_cache: bool = True) -> list[np.ndarray]:
+        sequences, starts = request["sequences"], request["starts"]
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        self.last_score_stats = {"num_cached_tokens": [0] * len(sequences), "rescored": []}
+        retry = self._score_rows(results, sequences, starts, range(len(sequences)), outs, read_cache=read_cache)
+        self.last_score_stats["rescored"] = list(retry)
+        if retry:
+            if not read_cache:
+                raise RuntimeError(f"prompt log-probs missing for sequences {retry} without the prefix cache")
+            prompts, params = self._score_requests([sequences[i] for i in retry], [starts[i] for i in retry], read_cache=False)
+            left = self._score_rows(results, sequences, starts, retry, self._generate(prompts, params), read_cache=False)
+            if left:
+                raise RuntimeError(f"prompt log-probs missing for sequences {left} even without the prefix cache")
+        return results  # type: ignore[return-value]
+
+    def _score_rows(self, results, sequences, starts, idx, outs, *, read_cache: bool) -> list[int]:
+        """Fill results[i] for i in idx from outs; returns the indices whose rows were not computed."""
         V = self._vocab_size
         missing = []
         for i, out in zip(idx, outs):

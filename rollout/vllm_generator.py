@@ -1,7 +1,7 @@
 """SWITCH on two vLLM engines: block-speculative (default) and token-by-token (stepwise).
 
 Block mode (DESIGN.md 4.2). Each sequence has a *drafter*, the model that owned its
-last token (the student at the start). One round, for every active sequence at once:
+last token (the student at the start). Per sequence, one block is:
 
   1. the drafter decodes up to k tokens, returning its full distribution at each;
   2. the other model scores prefix + draft in one prefill (prefix cache on), giving
@@ -11,11 +11,17 @@ last token (the student at the start). One round, for every active sequence at o
      model's token (drawn from its distribution, already in hand); later draft tokens
      are dropped and the other model drafts from there.
 
+The engines take turns, and each turn is ONE batched engine call that drafts for the
+sequences this engine drafts for and scores the drafts the other engine made in the
+previous turn, so no sequence waits for a whole-batch round and each block costs two
+engine calls, not four.
+
 Tokens are a pure function of (owner distribution, seed, position) (switch.py), and
 the engine's logits processor draws drafted tokens with that same function, so block
 mode reproduces the token-by-token process exactly: same tokens, owners and, under
 sampling, the same draws. k adapts per sequence and per drafter: doubled after a
-fully accepted block, shrunk towards the observed run length after a switch.
+fully accepted block, shrunk towards the observed run length after a switch, and
+capped per call at the group's median so one long draft does not hold the batch.
 
 Stepwise mode asks both engines for one next-token distribution per round trip: the
 obviously-correct twin and the benchmark's comparison point.
@@ -30,7 +36,7 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig
-from switchkd.rollout.engines import EngineHandle, start_engines
+from switchkd.rollout.engines import start_engines
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ class _State:
     def __init__(self, seq: SequenceBuilder, k: int):
         self.seq = seq
         self.drafter = switch.STUDENT
+        self.draft = None          # the drafter's DecodeResult awaiting the other model's scores
         self.k = {switch.STUDENT: k, switch.TEACHER: k}
 
     @property
@@ -55,7 +62,7 @@ class VLLMSwitchGenerator:
     def __init__(self, model: ModelConfig, rollout: RolloutConfig, eos_ids: set[int], engines=None):
         self.cfg, self.eos_ids = rollout, eos_ids
         self.teacher, self.student = engines or start_engines(model, rollout)
-        self.rounds = 0
+        self.engine_calls = 0
         self.rule = switch.OwnerRule(rollout.switch)
 
     def shutdown(self) -> None:
@@ -83,32 +90,39 @@ class VLLMSwitchGenerator:
             for seq, t_row, s_row in zip(active, teacher_rows, student_rows):
                 self._accept(seq, torch.from_numpy(t_row[0]), torch.from_numpy(s_row[0]))
                 on_tokens(1)
-            self.rounds += 1
+            self.engine_calls += 2
 
     # -- block-speculative ---------------------------------------------------------------
     def _block_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:
+        """Alternate the engines; each call drafts for the sequences it drafts for and scores
+        the drafts the other engine just made, in one batched engine call."""
         states = [_State(s, self.cfg.draft_tokens) for s in seqs]
+        engines = {switch.STUDENT: self.student, switch.TEACHER: self.teacher}
+        turn = switch.STUDENT
         while active := [st for st in states if not st.seq.done]:
-            groups = {role: [st for st in active if st.drafter == role] for role in (switch.STUDENT, switch.TEACHER)}
-            engines = {switch.STUDENT: self.student, switch.TEACHER: self.teacher}
-            drafts = {role: self._draft_async(engines[role], group) for role, group in groups.items() if group}
-            drafts = {role: pending.result() for role, pending in drafts.items()}
-            scores = {
-                role: engines[1 - role].score_async(
-                    [st.ids + d.token_ids.tolist() for st, d in zip(groups[role], drafts[role])],
-                    [len(st.ids) for st in groups[role]],
-                )
-                for role in drafts
-            }
-            for role, pending in scores.items():
-                for st, draft, rows in zip(groups[role], drafts[role], pending.result()):
-                    on_tokens(self._walk_block(st, draft, torch.from_numpy(rows)))
-            self.rounds += 1
+            drafting = [st for st in active if st.draft is None and st.drafter == turn]
+            scoring = [st for st in active if st.draft is not None and st.drafter != turn]
+            if drafting or scoring:
+                score = dict(sequences=[st.ids + st.draft.token_ids.tolist() for st in scoring],
+                             starts=[len(st.ids) for st in scoring]) if scoring else None
+                drafts, rows = engines[turn].step_async(self._draft_request(drafting), score).result()
+                for st, draft in zip(drafting, drafts):
+                    st.draft = draft
+                for st, block in zip(scoring, rows):
+                    draft, st.draft = st.draft, None
+                    on_tokens(self._walk_block(st, draft, torch.from_numpy(block)))
+                self.engine_calls += 1
+            turn = 1 - turn
 
-    def _draft_async(self, engine: EngineHandle, group: list[_State]):
-        return engine.decode_async(
-            [st.ids for st in group],
-            [min(st.k[st.drafter], self.cfg.max_new_tokens - st.seq.position) for st in group],
+    def _draft_request(self, group: list[_State]) -> dict | None:
+        if not group:
+            return None
+        # A decode call lasts as many engine steps as its longest draft: cap every draft at the
+        # group's median k so one sequence in a long run does not hold the whole batch.
+        cap = int(np.median([st.k[st.drafter] for st in group]))
+        return dict(
+            prompts=[st.ids for st in group],
+            max_tokens=[min(st.k[st.drafter], cap, self.cfg.max_new_tokens - st.seq.position) for st in group],
             temperature=self.cfg.temperature,
             seeds=[st.seq.prompt.seed for st in group],
             positions=[st.seq.position for st in group],

@@ -1,0 +1,26 @@
+"""The same engine classes hosted in Ray actors give the same rollouts as in-process ones."""
+import pytest
+
+from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.generate import run_generate
+from switchkd.rollout.schema import read_rollouts
+
+
+def test_ray_actor_engines_match_in_process(tiny_models, tmp_path):
+    ray = pytest.importorskip("ray")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "the man said {w}"}}\n' for w in ("yes", "no", "water", "people")))
+    model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
+    data = DataConfig(prompts=str(prompts))
+    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=24)
+    run_generate(model, data, cfg, str(tmp_path / "local.parquet"))
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        import dataclasses
+
+        run_generate(model, data, dataclasses.replace(cfg, use_ray=True), str(tmp_path / "ray.parquet"))
+    finally:
+        ray.shutdown()
+    local, remote = read_rollouts(tmp_path / "local.parquet"), read_rollouts(tmp_path / "ray.parquet")
+    for column in ("response_ids", "owner", "teacher_topk_ids"):
+        assert local.column(column).to_pylist() == remote.column(column).to_pylist()
