@@ -99,6 +99,11 @@ def _check_value(path: str, value, annotation, meta):
         raise ConfigError(f"{path}=null: a value is required ({_type_names(allowed_types)})")
     if float in allowed_types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if float in allowed_types and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not isinstance(value, allowed_types) or (isinstance(value, bool) and bool not in allowed_types):
         raise ConfigError(f"{path}={value!r}: expected {_type_names(allowed_types)}, got {type(value).__name__}")
     if "choices" in meta and value not in meta["choices"]:

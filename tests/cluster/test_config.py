@@ -69,3 +69,8 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    assert load_config(None, ["rollout.switch.tau0=3e-1"]).rollout.switch.tau0 == 0.3
+    assert load_config(None, ["model.teacher=1e5"]).model.teacher == "1e5"  # a string field stays a string

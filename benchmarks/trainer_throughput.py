@@ -1,0 +1,188 @@
+"""Trainer tokens/s: the DeepSpeed trainer per ZeRO stage vs a plain PyTorch loop, in one run.
+
+Both sides train the same model (same initial weights) on the same synthetic rollout batch
+with the same loss (sparse top-k forward KL), optimizer (torch AdamW, fused), micro-batches, gradient
+accumulation, clipping and LR schedule; tokens are response tokens per second of wall time per
+optimizer step (median over steps after warm-up; the fastest step is reported too). The plain
+loop and the single-worker variants are stepped in turn, round after round, so load drift on a
+shared machine hits them alike; their ratio is the median of per-round time ratios.
+Multi-worker runs follow, each alone, compared by median tokens/s.
+
+    python benchmarks/trainer_throughput.py [--quick] [--json out.json] [--workers 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_info, write_json  # noqa: E402
+
+from switchkd.cluster.config import load_config  # noqa: E402
+from switchkd.rollout import schema  # noqa: E402
+from switchkd.trainer.batch import collate  # noqa: E402
+from switchkd.trainer.ds_config import lr_factor  # noqa: E402
+from switchkd.trainer.group import Trainer  # noqa: E402
+from switchkd.trainer.losses import owner_weights, per_token_divergence  # noqa: E402
+
+SIZES = {  # model and batch per mode
+    "full": dict(layers=4, hidden=256, rows=8, micro=4, prompt=16, response=96, topk=16, warmup=2, steps=16),
+    "quick": dict(layers=2, hidden=128, rows=4, micro=2, prompt=8, response=24, topk=8, warmup=1, steps=3),
+}
+
+
+def build_student(out: Path, layers: int, hidden: int) -> Path:
+    """A random llama student with the tiny tokenizer (vocab 512), saved as an HF dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from switchkd.rollout.tiny_models import VOCAB_SIZE, build_tokenizer
+
+    tok = build_tokenizer(0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def synthetic_batch(rows: int, prompt: int, response: int, topk: int, vocab: int = 512):
+    """A valid rollout table: random tokens, owners, and top-k of random teacher distributions."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(rows):
+        logits = rng.normal(size=(response, vocab)) * 3
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        ids = np.argsort(-logp, axis=-1)[:, :topk]
+        out.append({
+            "prompt_index": i, "prompt_ids": rng.integers(3, vocab, prompt).tolist(),
+            "response_ids": rng.integers(3, vocab, response).tolist(), "owner": rng.integers(0, 2, response).tolist(),
+            "jsd": [0.1] * response, "tau": [0.4] * response, "student_logprob": [-1.0] * response,
+            "teacher_topk_ids": ids.tolist(), "teacher_topk_logprobs": np.take_along_axis(logp, ids, -1).tolist(),
+            "policy_version": 0, "seed": i, "finish_reason": "length"})
+    return schema.to_table(out)
+
+
+class PlainLoop:
+    """A hand-written loop doing what one DeepSpeed worker does; step() returns its seconds."""
+
+    def __init__(self, cfg):
+        from transformers import AutoModelForCausalLM
+
+        self.tc = tc = cfg.trainer
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model.student, dtype=torch.float32).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=tc.weight_decay, fused=True)  # as the trainer's
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(tc, None))
+
+    def step(self, table) -> float:
+        tc, start = self.tc, time.perf_counter()
+        tokens = sum(table.column("response_ids").combine_chunks().value_lengths().to_pylist())
+        for j in range(tc.grad_accum_steps):
+            b = collate(table.slice(j * tc.micro_batch_size, tc.micro_batch_size), pad_id=0)
+            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            keep = b.loss_mask
+            div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[keep],
+                                       teacher_topk_logprobs=b.topk_logprobs[keep])
+            weights = owner_weights(b.owner, keep, tc.student_token_weight, tc.teacher_token_weight)[keep]
+            ((div * weights).sum() / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def interleaved(steppers: dict, table, warmup: int, steps: int) -> dict[str, dict]:
+    """tokens/s (median and fastest step) and step times per stepper; one step of each in turn."""
+    times = {name: [] for name in steppers}
+    for _ in range(warmup + steps):
+        for name, step in steppers.items():
+            times[name].append(step(table))
+    tokens = sum(table.column("response_ids").combine_chunks().value_lengths().to_pylist())
+    return {name: {"tokens_per_s": tokens / statistics.median(t[warmup:]),
+                   "best_tokens_per_s": tokens / min(t[warmup:]), "step_seconds": t[warmup:]}
+            for name, t in times.items()}
+
+
+def ratio_vs_plain(variant: dict, plain: dict, paired: bool) -> float:
+    """Median over rounds of plain/variant step time when both ran in the same rounds (drift
+    cancels pairwise); otherwise the ratio of median tokens/s."""
+    if paired:
+        return statistics.median(p / v for p, v in zip(plain["step_seconds"], variant["step_seconds"]))
+    return variant["tokens_per_s"] / plain["tokens_per_s"]
+
+
+def _ds_step(trainer):
+    return lambda table: trainer.train_step(table, checked=True)["seconds"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, few steps (make test)")
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts (default 1 2; quick: 1)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each side in total")
+    args = parser.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    workers = args.workers or ([1] if args.quick else [1, 2])
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        student = build_student(Path(tmp) / "student", size["layers"], size["hidden"])
+        table = synthetic_batch(size["rows"], size["prompt"], size["response"], size["topk"])
+
+        def config(stage, n_workers):
+            return load_config(None, [
+                f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={Path(tmp) / 'run'}",
+                f"trainer.zero_stage={stage}", f"trainer.num_workers={n_workers}", "trainer.tensorboard=false",
+                f"trainer.cpus_per_worker={max(1, args.threads // n_workers)}", f"trainer.batch_size={size['rows']}",
+                f"trainer.micro_batch_size={size['micro'] // n_workers}", "trainer.lr=0.0001", "trainer.device=cpu"])
+
+        results = {}
+        trainers = []
+        try:
+            steppers = {"plain": PlainLoop(config(1, 1)).step}
+            if 1 in workers:  # all single-worker variants alive at once, stepped in turn
+                for stage in (1, 2, 3):
+                    trainers.append(Trainer(config(stage, 1)))
+                    steppers[f"deepspeed_zero{stage}_workers1"] = _ds_step(trainers[-1])
+            results.update(interleaved(steppers, table, size["warmup"], size["steps"]))
+            for n in (w for w in workers if w > 1):
+                for stage in (1, 2, 3):
+                    with Trainer(config(stage, n)) as trainer:
+                        name = f"deepspeed_zero{stage}_workers{n}"
+                        results[name] = interleaved({name: _ds_step(trainer)}, table, size["warmup"],
+                                                    size["steps"])[name]
+        finally:
+            for trainer in trainers:
+                trainer.shutdown()
+    plain = results.pop("plain")
+    report = {
+        "benchmark": "trainer_throughput", "mode": "quick" if args.quick else "full", "size": size,
+        "machine": {**machine_info(), "threads": args.threads, "load_avg_1m": os.getloadavg()[0]},
+        "plain": plain,
+        "deepspeed": {k: {**v, "ratio_vs_plain": ratio_vs_plain(v, plain, paired=k.endswith("_workers1"))}
+                      for k, v in results.items()},
+    }
+    if "deepspeed_zero1_workers1" in results:
+        ratio = report["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
+        report["target"] = {"zero1_workers1_ratio": ratio, "required": 0.9, "met": ratio >= 0.9}
+    write_json(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

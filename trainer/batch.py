@@ -1,0 +1,133 @@
+"""Rollout rows -> training tensors, in one place (STYLE.md), after checks DeepSpeed never sees.
+
+A row is prompt_ids + response_ids. Logits are shifted once here so that position t predicts
+input_ids[t + 1]; every per-token tensor below is aligned to those shifted positions.
+
+    input_ids        int64   [B, L]      prompt + response, right-padded with pad_id
+    attention_mask   int64   [B, L]      1 on real tokens
+    loss_mask        bool    [B, L-1]    True where the predicted token is a response token
+    owner            int64   [B, L-1]    SWITCH owner of the predicted token (0 student, 1 teacher)
+    topk_ids         int64   [B, L-1, K] teacher top-k ids (-1 = padding), K = widest row
+    topk_logprobs    float32 [B, L-1, K] teacher log-probs at those ids
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from switchkd.rollout import schema
+from switchkd.rollout.schema import SchemaError
+
+_LOGPROB_TOLERANCE = 1e-3  # rounding slack for "probabilities sum to at most 1"
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    owner: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def check_rows(table: pa.Table, source: str, vocab_size: int, max_len: int) -> tuple[pa.Table, int]:
+    """Validate ``table`` for training; returns (rows to train on, empty responses skipped).
+
+    Beyond the schema: teacher log-probs must be finite log-probabilities of one distribution,
+    top-k ids distinct, and prompt + response must fit the model. Empty responses carry no
+    tokens to learn from, so dropping them is safe; they are counted, not fatal. The per-token
+    checks run on flat arrays (a rollout file holds millions of top-k entries).
+    """
+    schema.validate(table, source=source, vocab_size=vocab_size)
+    problem = _first_problem(table, max_len)
+    if problem:
+        row, text = problem
+        index = table.column("prompt_index")[row].as_py()
+        raise SchemaError(f"{source}: row {row} (prompt_index {index}): {text}")
+    lengths = _lengths(table, "response_ids")
+    keep = np.flatnonzero(lengths > 0)
+    return (table if len(keep) == table.num_rows else table.take(keep)), table.num_rows - len(keep)
+
+
+def _lengths(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).combine_chunks().value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _first_problem(table: pa.Table, max_len: int) -> tuple[int, str] | None:
+    """(row, message) of the first bad row, or None; rows are checked in order, tokens within them."""
+    n = _lengths(table, "response_ids")
+    total = _lengths(table, "prompt_ids") + n
+    found = []
+    if (total > max_len).any():
+        row = int(np.argmax(total > max_len))
+        found.append((row, -1, f"prompt + response is {total[row]} tokens, the student takes at most {max_len}"))
+    ids_per_token = table.column("teacher_topk_ids").combine_chunks().flatten()
+    k = ids_per_token.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    token_row = np.repeat(np.arange(len(n)), n)
+    token_pos = np.arange(len(k)) - np.repeat(np.cumsum(n) - n, n)
+    ids = ids_per_token.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    lps = (table.column("teacher_topk_logprobs").combine_chunks().flatten().flatten()
+           .to_numpy(zero_copy_only=False).astype(np.float64))
+    entry_token = np.repeat(np.arange(len(k)), k)
+    nonempty = np.flatnonzero(k > 0)
+    starts = (np.cumsum(k) - k)[nonempty]   # reduceat segments: one per token with entries
+    checks = [(k == 0, "no teacher top-k entries")]
+    bad_value = np.zeros(len(k), dtype=bool)
+    clean = lps.copy()
+    if len(lps):
+        bad_value[nonempty] = np.logical_or.reduceat(np.isnan(lps) | np.isposinf(lps), starts)
+        clean[bad_value[entry_token]] = -np.inf
+    checks.append((bad_value, "teacher_topk_logprobs holds NaN or +inf"))
+    too_much = np.zeros(len(k), dtype=bool)
+    if len(lps):
+        too_much[nonempty] = ((np.logaddexp.reduceat(clean, starts) > _LOGPROB_TOLERANCE)
+                              | (np.maximum.reduceat(clean, starts) > _LOGPROB_TOLERANCE))
+    checks.append((too_much, "teacher_topk_logprobs are not log-probabilities (they sum above 1)"))
+    span = int(ids.max(initial=0)) + 1                  # ids are in [0, vocab) (schema-checked)
+    keys = np.sort(entry_token * span + ids)
+    repeated = np.zeros(len(k), dtype=bool)
+    repeated[keys[1:][keys[1:] == keys[:-1]] // span] = True
+    checks.append((repeated, "teacher_topk_ids repeats an id"))
+    for bad, text in checks:
+        if bad.any():
+            t = int(np.argmax(bad))
+            found.append((int(token_row[t]), int(token_pos[t]), f"response token {token_pos[t]}: {text}"))
+    if not found:
+        return None
+    row, _, text = min(found, key=lambda f: (f[0], f[1]))
+    return row, text
+
+
+def collate(table: pa.Table, pad_id: int) -> TokenBatch:
+    """Checked rows (``check_rows``) -> right-padded tensors aligned to the shifted logits."""
+    prompts = table.column("prompt_ids").to_pylist()
+    responses = table.column("response_ids").to_pylist()
+    owners = table.column("owner").to_pylist()
+    topk_ids = table.column("teacher_topk_ids").to_pylist()
+    topk_lps = table.column("teacher_topk_logprobs").to_pylist()
+    b = len(prompts)
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    k = max((len(ids) for row in topk_ids for ids in row), default=1)
+    input_ids = np.full((b, length), pad_id, dtype=np.int64)
+    attention = np.zeros((b, length), dtype=np.int64)
+    loss_mask = np.zeros((b, length - 1), dtype=bool)
+    owner = np.zeros((b, length - 1), dtype=np.int64)
+    ids = np.full((b, length - 1, k), -1, dtype=np.int64)
+    lps = np.zeros((b, length - 1, k), dtype=np.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        start, end = len(p) - 1, len(p) - 1 + len(r)   # shifted positions predicting the response
+        input_ids[i, : len(p) + len(r)] = p + r
+        attention[i, : len(p) + len(r)] = 1
+        loss_mask[i, start:end] = True
+        owner[i, start:end] = owners[i]
+        for t, (row_ids, row_lps) in enumerate(zip(topk_ids[i], topk_lps[i])):
+            ids[i, start + t, : len(row_ids)] = row_ids
+            lps[i, start + t, : len(row_lps)] = row_lps
+    return TokenBatch(*(torch.from_numpy(a) for a in (input_ids, attention, loss_mask, owner, ids, lps)))

@@ -1,0 +1,182 @@
+"""One data-parallel rank: the student under a DeepSpeed engine, optionally the teacher beside it.
+
+Every public method is collective: all ranks call it with the same arguments (the coordinator
+in switchkd.trainer.group does that), because ZeRO gathers, reductions and checkpoint barriers
+need every rank. Rows of a step are dealt round-robin to ranks, then cut into exactly
+grad_accum_steps micro-batches per rank; a rank with no rows left runs a zero-loss dummy pass so
+that ZeRO-3's parameter gathers stay in lockstep.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from switchkd.trainer import checkpoint
+from switchkd.trainer.batch import collate
+from switchkd.trainer.ds_config import build_ds_config, lr_factor
+from switchkd.trainer.export import write_hf_dir
+from switchkd.trainer.losses import owner_weights, per_token_divergence
+
+DS_TAG = "deepspeed"
+# Per-step sums reduced over ranks: weighted loss, student-token divergence, student tokens,
+# teacher-token divergence, teacher tokens.
+_SUMS = ("loss", "div_student", "tokens_student", "div_teacher", "tokens_teacher")
+
+
+class TrainWorker:
+    def __init__(self, cfg, rank: int, world_size: int, device: str, total_steps: int | None, pad_id: int):
+        """Cheap on purpose: addresses are asked for before anything heavy (``start``) runs."""
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.rank, self.world = rank, world_size
+        self.device_kind, self.total_steps, self.pad_id = device, total_steps, pad_id
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (rank 0's is the process-group rendezvous)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, master_addr: str, master_port: int, local_rank: int) -> None:
+        """Join the process group, load the student (and teacher), build the DeepSpeed engine."""
+        import deepspeed
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        transformers.utils.logging.disable_progress_bar()  # per-shard bars, on every rank and save
+        # DeepSpeed 0.19 still calls collectives torch deprecates: one warning per call under ZeRO-3.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        rank, world_size, device = self.rank, self.world, self.device_kind
+        if world_size > 1 and device == "cpu" and self.tc.cpus_per_worker >= 1:
+            torch.set_num_threads(int(self.tc.cpus_per_worker))  # an actor uses its share, not every core
+        # A GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), so it is cuda:0 there.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port), LOCAL_RANK=str(0 if device == "cuda" else local_rank))
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        _init_process_group("nccl" if device == "cuda" else "gloo", rank, world_size, master_addr, master_port,
+                            self.tc.dist_timeout_s)
+        torch.manual_seed(self.tc.seed + rank)
+
+        student = AutoModelForCausalLM.from_pretrained(
+            self.cfg.model.student, dtype=torch.float32, use_safetensors=True,
+            trust_remote_code=self.cfg.model.trust_remote_code)
+        self.ds_config = build_ds_config(self.tc, device)
+        factor = lr_factor(self.tc, self.total_steps)
+        scheduler = None if "scheduler" in self.ds_config else (
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.engine, *_ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
+                                               config=self.ds_config, lr_scheduler=scheduler,
+                                               dist_init_required=False)
+        self.teacher = None
+        if self.tc.teacher_source == "model":
+            from switchkd.rollout.hf_reference import load_hf_model
+
+            self.teacher = load_hf_model(self.cfg.model.teacher, self.cfg.model.dtype,
+                                         self.cfg.model.trust_remote_code).to(self.device)
+
+    def train_step(self, table: pa.Table, total_tokens: int) -> dict:
+        """One optimizer step on ``table`` (checked rows); loss is a mean over ``total_tokens``."""
+        self.engine.train()
+        lr = float(self.engine.get_lr()[0])
+        mine = list(range(self.rank, table.num_rows, self.world))
+        m = self.tc.micro_batch_size
+        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)  # nccl reduces device tensors
+        for j in range(self.tc.grad_accum_steps):
+            rows = mine[j * m:(j + 1) * m]
+            loss = self._micro_loss(table.take(rows), total_tokens, sums) if rows else self._dummy_loss()
+            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.step()
+        dist.all_reduce(sums)
+        grad_norm = self.engine.get_global_grad_norm()
+        out = dict(zip(_SUMS, sums.tolist()))
+        out.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm))
+        return out
+
+    def _micro_loss(self, rows: pa.Table, total_tokens: int, sums: torch.Tensor) -> torch.Tensor:
+        b = collate(rows, self.pad_id).to(self.device)
+        logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        keep = b.loss_mask
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            teacher = {"teacher_logits": t_logits[keep]}
+        else:
+            teacher = {"teacher_topk_ids": b.topk_ids[keep], "teacher_topk_logprobs": b.topk_logprobs[keep]}
+        div = per_token_divergence(self.tc.loss, logits[keep], **teacher, **self.tc.loss_params())
+        weights = owner_weights(b.owner, keep, self.tc.student_token_weight, self.tc.teacher_token_weight)[keep]
+        # DeepSpeed averages gradients over ranks; multiplying by world makes the result the
+        # per-token mean over the whole step, whatever the split over ranks and micro-batches.
+        loss = (div * weights.to(div.dtype)).sum() * (self.world / total_tokens)
+        with torch.no_grad():
+            is_teacher = b.owner[keep] == 1
+            d = div.detach().double()
+            sums += torch.stack([loss.detach().double() / self.world, d[~is_teacher].sum(),
+                                 (~is_teacher).sum().double(), d[is_teacher].sum(), is_teacher.sum().double()])
+        return loss
+
+    def _dummy_loss(self) -> torch.Tensor:
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        return self.engine(input_ids=ids).logits.sum() * 0.0
+
+    def save(self, tmp_dir: str, tokenizer_dir: str) -> None:
+        """DeepSpeed state and RNG of every rank into ``tmp_dir``; rank 0 adds hf/ (full weights)."""
+        self.engine.save_checkpoint(tmp_dir, tag=DS_TAG, save_latest=False)
+        checkpoint.save_rng(Path(tmp_dir) / "rng" / f"rank_{self.rank}.json")
+        self.export(str(Path(tmp_dir) / "hf"), tokenizer_dir)
+
+    def load(self, ckpt_dir: str) -> None:
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir}: DeepSpeed found no engine state under {DS_TAG}/")
+        checkpoint.load_rng(Path(ckpt_dir) / "rng" / f"rank_{self.rank}.json")
+
+    def full_state_dict(self) -> dict | None:
+        """Full student weights on CPU at rank 0 (None elsewhere); ZeRO-3 shards gathered one tensor at a time."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        module = self.engine.module
+        out = {}
+        for name, param in module.named_parameters():
+            with GatheredParameters([param], modifier_rank=None, enabled=self.tc.zero_stage == 3):
+                if self.rank == 0:
+                    out[name] = param.detach().to("cpu", copy=True)
+        persistent = set(module.state_dict().keys())
+        out.update({n: b.detach().to("cpu", copy=True) for n, b in module.named_buffers() if n in persistent})
+        return out if self.rank == 0 else None
+
+    def export(self, out_dir: str, tokenizer_dir: str) -> None:
+        state = self.full_state_dict()
+        if self.rank == 0:
+            write_hf_dir(self.engine.module, state, tokenizer_dir, Path(out_dir))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Student logits in eval mode (for checks against exported or synced weights); rank 0 returns."""
+        self.engine.eval()
+        with torch.no_grad():
+            out = self.engine(input_ids=input_ids.to(self.device)).logits.float().cpu()
+        return out if self.rank == 0 else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _init_process_group(backend: str, rank: int, world: int, addr: str, port: int, timeout_s: float) -> None:
+    """Join the trainer group; an in-process single worker reuses one group for the process's life
+    (DeepSpeed caches its groups, so a destroyed and re-created group would break a second trainer)."""
+    if dist.is_initialized():
+        if world == 1 and dist.get_world_size() == 1 and dist.get_backend() == backend:
+            return
+        raise RuntimeError("torch.distributed is already initialized with another group in this process")
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
