@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import operator
 import os
 import random
@@ -51,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import requests
 
-from switchkd.rollout.vllm_engine import FINISH_REASONS, DecodeResult
+from switchkd.rollout.vllm_engine import FINISH_REASONS, DecodeResult, check_decode_args, check_score_args
 
 # SamplingParams.extra_args keys read by vllm_fastpath.SwitchSamplingLogitsProcessor (same
 # strings as vllm_fastpath.SEED_KEY / POSITION_KEY / TEMPERATURE_KEY; a test checks it). Kept
@@ -342,15 +341,6 @@ class ServerTeacher:
         """``score`` on a background thread (a Future: ``.result()``)."""
         return self._caller.submit(self.score, *args, **kwargs)
 
-    def _check_tokens(self, seqs: Sequence[Sequence[int]], extra: Sequence[int], what: str) -> None:
-        for i, (s, n) in enumerate(zip(seqs, extra)):
-            if len(s) == 0:
-                raise ValueError(f"{what}[{i}] is empty")
-            if self.max_model_len and len(s) + n > self.max_model_len:
-                raise ValueError(f"{what}[{i}]: {len(s)} tokens + {n} > max_model_len {self.max_model_len}")
-            if min(s) < 0 or max(s) >= self._vocab_size:
-                raise ValueError(f"{what}[{i}]: token id out of range [0, {self._vocab_size})")
-
     def _map(self, fn, items: list) -> list:
         if len(items) == 1:
             return [fn(items[0])]
@@ -375,16 +365,7 @@ class ServerTeacher:
         """Continue every prompt; token t of prompt i (t counted from ``positions[i]``) is
         ``switch.sample_token(logprobs_row, temperature, seeds[i], t)`` (checked here)."""
         n = len(prompts)
-        if not (len(max_tokens) == len(seeds) == len(positions) == n):
-            raise ValueError("prompts, max_tokens, seeds and positions must have the same length")
-        if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        if any(m < 0 for m in max_tokens):
-            raise ValueError("max_tokens must be >= 0")
-        for i, seed in enumerate(seeds):
-            if not 0 <= int(seed) < 2**31:
-                raise ValueError(f"seeds[{i}]={seed} must be in [0, 2**31)")
-        self._check_tokens(prompts, list(max_tokens), "prompts")
+        check_decode_args(prompts, max_tokens, temperature, seeds, positions, self._vocab_size, self.max_model_len)
         stops = sorted({int(t) for t in stop_token_ids})
         V = self._vocab_size
 
@@ -438,12 +419,7 @@ class ServerTeacher:
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[np.ndarray]:
         """For sequence s (length L) and start a (1 <= a <= L): float32 [L - a + 1, V] whose
         row r is the next-token distribution after s[:a + r] (the last row: after all of s)."""
-        if len(sequences) != len(starts):
-            raise ValueError("sequences and starts must have the same length")
-        for i, (s, a) in enumerate(zip(sequences, starts)):
-            if not 1 <= a <= len(s):
-                raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
-        self._check_tokens(sequences, [1] * len(sequences), "sequences")
+        check_score_args(sequences, starts, self._vocab_size, self.max_model_len)
         V = self._vocab_size
 
         def one(i: int) -> np.ndarray:

@@ -31,6 +31,41 @@ class DecodeResult:
     finish_reason: str         # "stop" (a stop token) or "length" (max_tokens / max_model_len)
 
 
+def check_decode_args(prompts, max_tokens, temperature, seeds, positions, vocab_size: int, max_model_len: int | None) -> None:
+    """ValueError for a decode request no engine should see (shared by every engine type)."""
+    n = len(prompts)
+    if not (len(max_tokens) == len(seeds) == len(positions) == n):
+        raise ValueError("prompts, max_tokens, seeds and positions must have the same length")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if any(m < 0 for m in max_tokens):
+        raise ValueError("max_tokens must be >= 0")
+    for i, seed in enumerate(seeds):
+        if not 0 <= int(seed) < 2**31:
+            raise ValueError(f"seeds[{i}]={seed} must be in [0, 2**31)")
+    _check_tokens(prompts, list(max_tokens), "prompts", vocab_size, max_model_len)
+
+
+def check_score_args(sequences, starts, vocab_size: int, max_model_len: int | None) -> None:
+    """ValueError for a score request no engine should see (shared by every engine type)."""
+    if len(sequences) != len(starts):
+        raise ValueError("sequences and starts must have the same length")
+    for i, (s, a) in enumerate(zip(sequences, starts)):
+        if not 1 <= a <= len(s):
+            raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
+    _check_tokens(sequences, [1] * len(sequences), "sequences", vocab_size, max_model_len)
+
+
+def _check_tokens(seqs, extra, what: str, vocab_size: int, max_model_len: int | None) -> None:
+    for i, (s, n) in enumerate(zip(seqs, extra)):
+        if len(s) == 0:
+            raise ValueError(f"{what}[{i}] is empty")
+        if max_model_len and len(s) + n > max_model_len:
+            raise ValueError(f"{what}[{i}]: {len(s)} tokens + {n} > max_model_len {max_model_len}")
+        if min(s) < 0 or max(s) >= vocab_size:
+            raise ValueError(f"{what}[{i}]: token id out of range [0, {vocab_size})")
+
+
 def _configure_env(device: str, kv_cache_space_gb: float, threads: str) -> dict:
     """Process environment vLLM reads at engine creation; returns extra LLM kwargs."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -134,16 +169,6 @@ class VLLMEngine:
         inputs = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
         return self.llm.generate(inputs, params, use_tqdm=False)
 
-    def _check_tokens(self, seqs: Sequence[Sequence[int]], extra: Sequence[int], what: str) -> None:
-        for i, (s, n) in enumerate(zip(seqs, extra)):
-            if len(s) == 0:
-                raise ValueError(f"{what}[{i}] is empty")
-            if len(s) + n > self.max_model_len:
-                raise ValueError(f"{what}[{i}]: {len(s)} tokens + {n} > max_model_len {self.max_model_len}")
-            lo, hi = min(s), max(s)
-            if lo < 0 or hi >= self._vocab_size:
-                raise ValueError(f"{what}[{i}]: token id out of range [0, {self._vocab_size})")
-
     # ------------------------------------------------------------------ decode
 
     def decode(
@@ -176,13 +201,7 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         n = len(prompts)
-        if not (len(max_tokens) == len(seeds) == len(positions) == n):
-            raise ValueError("prompts, max_tokens, seeds and positions must have the same length")
-        if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-        if any(m < 0 for m in max_tokens):
-            raise ValueError("max_tokens must be >= 0")
-        self._check_tokens(prompts, [max(m, 0) for m in max_tokens], "prompts")
+        check_decode_args(prompts, max_tokens, temperature, seeds, positions, self._vocab_size, self.max_model_len)
         stops = sorted({int(t) for t in stop_token_ids})
         V = self._vocab_size
         results: list = [
@@ -231,12 +250,7 @@ class VLLMEngine:
     def _score_requests(self, sequences, starts, *, read_cache: bool):
         from vllm import SamplingParams
 
-        if len(sequences) != len(starts):
-            raise ValueError("sequences and starts must have the same length")
-        for i, (s, a) in enumerate(zip(sequences, starts)):
-            if not 1 <= a <= len(s):
-                raise ValueError(f"starts[{i}]={a} must be in [1, {len(s)}]")
-        self._check_tokens(sequences, [1] * len(sequences), "sequences")
+        check_score_args(sequences, starts, self._vocab_size, self.max_model_len)
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=-1, prompt_logprobs=-1, detokenize=False,
             ignore_eos=True, skip_reading_prefix_cache=not read_cache,
