@@ -28,7 +28,6 @@ obviously-correct twin and the benchmark's comparison point.
 """
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import numpy as np
@@ -39,7 +38,6 @@ from switchkd.rollout.config import ModelConfig, RolloutConfig
 from switchkd.rollout.engines import start_engines
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
-log = logging.getLogger(__name__)
 
 
 class _State:
