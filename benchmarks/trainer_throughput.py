@@ -72,7 +72,7 @@ def synthetic_batch(rows: int, prompt: int, response: int, topk: int, vocab: int
             "response_ids": rng.integers(3, vocab, response).tolist(), "owner": rng.integers(0, 2, response).tolist(),
             "jsd": [0.1] * response, "tau": [0.4] * response, "student_logprob": [-1.0] * response,
             "teacher_topk_ids": ids.tolist(), "teacher_topk_logprobs": np.take_along_axis(logp, ids, -1).tolist(),
-            "policy_version": 0, "seed": i, "finish_reason": "length"})
+            "policy_version": 0, "seed": i, "finish_reason": "length", "reference_ids": []})
     return schema.to_table(out)
 
 

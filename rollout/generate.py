@@ -43,15 +43,21 @@ class RolloutSummary:
 
 
 def load_prompts(data: DataConfig, tokenizer, run_seed: int) -> tuple[list[Prompt], Counter]:
-    """Tokenized prompts with per-prompt seeds; bad or too-long rows skipped and counted."""
+    """Tokenized prompts (and reference responses, EOS appended) with per-prompt seeds; bad or
+    too-long rows skipped and counted."""
     rows, skipped = read_prompt_jsonl(data.prompts, data.max_prompts)
     prompts = []
-    for index, text in rows:
+    for index, text, response in rows:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > data.max_prompt_tokens:
             skipped["longer than data.max_prompt_tokens"] += 1
             continue
-        prompts.append(Prompt(index, ids, prompt_seed(run_seed, index)))
+        reference = []
+        if response is not None:
+            reference = tokenizer(response, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                reference = reference + [tokenizer.eos_token_id]
+        prompts.append(Prompt(index, ids, prompt_seed(run_seed, index), reference))
     return prompts, skipped
 
 

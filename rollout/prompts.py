@@ -1,4 +1,5 @@
-"""Prompt files for `switchkd generate`: JSONL with a "prompt" field; bad rows skipped and counted."""
+"""Prompt files for `switchkd generate`: JSONL with a "prompt" field and an optional "response"
+(the reference answer, for the trainer's SFT term); bad rows skipped and counted."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ class PromptError(ValueError):
     """A prompt file that cannot be used at all; the message names the file."""
 
 
-def read_prompt_jsonl(path: str | Path, max_prompts: int | None = None) -> tuple[list[tuple[int, str]], Counter]:
-    """(line index, prompt text) for every good row, and a Counter of skip reasons for bad ones."""
+def read_prompt_jsonl(path: str | Path, max_prompts: int | None = None
+                      ) -> tuple[list[tuple[int, str, str | None]], Counter]:
+    """(line index, prompt text, response text or None) for every good row, and a Counter of
+    skip reasons for bad ones."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"data.prompts={path}: file does not exist")
@@ -37,8 +40,10 @@ def read_prompt_jsonl(path: str | Path, max_prompts: int | None = None) -> tuple
                     reason = "'prompt' is not a string"
                 elif not prompt.strip():
                     reason = "empty 'prompt'"
+                elif row.get("response") is not None and not isinstance(row["response"], str):
+                    reason = "'response' is not a string"
             if reason:
                 skipped[reason] += 1
             else:
-                good.append((index, prompt))
+                good.append((index, prompt, row.get("response")))
     return good, skipped

@@ -14,6 +14,8 @@ One row per sequence. Per-token list columns all have the response's length n.
     policy_version         int64                  student weights version that generated it
     seed                   int64                  per-prompt sampling seed
     finish_reason          string                 "stop" (EOS) or "length"
+    reference_ids          list<int32>   [R]      reference (ground-truth) response ids for this
+                                                  prompt, EOS appended; empty when the data has none
 
 The schema version lives in the Arrow metadata; readers refuse other versions.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: + reference_ids
 _VERSION_KEY = b"switchkd.schema_version"
 FINISH_REASONS = ("stop", "length")
 PER_TOKEN = ("owner", "jsd", "tau", "student_logprob", "teacher_topk_ids", "teacher_topk_logprobs")
@@ -45,6 +47,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("policy_version", pa.int64()),
         ("seed", pa.int64()),
         ("finish_reason", pa.string()),
+        ("reference_ids", pa.list_(pa.int32())),
     ],
     metadata={_VERSION_KEY: SCHEMA_VERSION.encode()},
 )
@@ -98,8 +101,11 @@ def _row_problem(row: dict, vocab_size: int | None) -> str | None:
         return "teacher_topk_ids and teacher_topk_logprobs differ in length"
     if row["finish_reason"] not in FINISH_REASONS:
         return f"finish_reason {row['finish_reason']!r} not in {FINISH_REASONS}"
+    if row["reference_ids"] is None:
+        return "reference_ids is null (an empty list means no reference)"
     if vocab_size is not None:
-        ids = [*row["prompt_ids"], *row["response_ids"], *(i for ks in row["teacher_topk_ids"] for i in ks)]
+        ids = [*row["prompt_ids"], *row["response_ids"], *row["reference_ids"],
+               *(i for ks in row["teacher_topk_ids"] for i in ks)]
         bad = [i for i in ids if i is None or not 0 <= i < vocab_size]
         if bad:
             return f"token id {bad[0]} outside the vocabulary [0, {vocab_size})"

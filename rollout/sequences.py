@@ -14,6 +14,7 @@ class Prompt:
     index: int            # row in the prompt file
     token_ids: list[int]
     seed: int             # per-prompt sampling seed
+    reference_ids: list[int] = field(default_factory=list)  # reference response (EOS appended); [] = none
 
 
 @dataclass
@@ -68,4 +69,5 @@ class SequenceBuilder:
             "teacher_topk_ids": [a.tolist() for a in self.topk_ids],
             "teacher_topk_logprobs": [a.tolist() for a in self.topk_lps],
             "policy_version": policy_version, "seed": self.prompt.seed, "finish_reason": self.finish_reason,
+            "reference_ids": self.prompt.reference_ids,
         }

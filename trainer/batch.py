@@ -9,6 +9,9 @@ input_ids[t + 1]; every per-token tensor below is aligned to those shifted posit
     owner            int64   [B, L-1]    SWITCH owner of the predicted token (0 student, 1 teacher)
     topk_ids         int64   [B, L-1, K] teacher top-k ids (-1 = padding), K = widest row
     topk_logprobs    float32 [B, L-1, K] teacher log-probs at those ids
+
+The SFT term (trainer.sft_ratio) reads prompt_ids + reference_ids instead (``collate_reference``),
+over the rows that have a reference, with the same shift: ref_mask marks reference positions.
 """
 from __future__ import annotations
 
@@ -54,6 +57,45 @@ def check_rows(table: pa.Table, source: str, vocab_size: int, max_len: int) -> t
     lengths = _lengths(table, "response_ids")
     keep = np.flatnonzero(lengths > 0)
     return (table if len(keep) == table.num_rows else table.take(keep)), table.num_rows - len(keep)
+
+
+def check_references(table: pa.Table, source: str, max_len: int) -> None:
+    """For trainer.sft_ratio > 0: some row must carry reference_ids, and prompt + reference must fit."""
+    from switchkd.trainer.ds_config import TrainerError
+
+    ref = _lengths(table, "reference_ids")
+    if not (ref > 0).any():
+        raise TrainerError(f"trainer.sft_ratio>0 but {source} has no reference_ids")
+    total = _lengths(table, "prompt_ids") + ref
+    if (total > max_len).any():
+        row = int(np.argmax(total > max_len))
+        index = table.column("prompt_index")[row].as_py()
+        raise SchemaError(f"{source}: row {row} (prompt_index {index}): prompt + reference is {total[row]} "
+                          f"tokens, the student takes at most {max_len}")
+
+
+def reference_tokens(table: pa.Table) -> int:
+    """Reference tokens in ``table`` (the SFT term's per-token denominator)."""
+    return int(_lengths(table, "reference_ids").sum())
+
+
+def collate_reference(table: pa.Table, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(input_ids [R, L], attention_mask [R, L], ref_mask [R, L-1]) of prompt + reference for the
+    R rows with a reference, right-padded; ref_mask is True where the predicted token is a reference
+    token. None when no row has one."""
+    pairs = [(p, r) for p, r in zip(table.column("prompt_ids").to_pylist(), table.column("reference_ids").to_pylist())
+             if r]
+    if not pairs:
+        return None
+    length = max(len(p) + len(r) for p, r in pairs)
+    input_ids = np.full((len(pairs), length), pad_id, dtype=np.int64)
+    attention = np.zeros((len(pairs), length), dtype=np.int64)
+    mask = np.zeros((len(pairs), length - 1), dtype=bool)
+    for i, (p, r) in enumerate(pairs):
+        input_ids[i, : len(p) + len(r)] = p + r
+        attention[i, : len(p) + len(r)] = 1
+        mask[i, len(p) - 1: len(p) - 1 + len(r)] = True
+    return torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(mask)
 
 
 def _lengths(table: pa.Table, column: str) -> np.ndarray:

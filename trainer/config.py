@@ -38,6 +38,7 @@ class TrainerConfig:
     skew_alpha: float = bounded(0.1, lo=0.0, hi=1.0)        # loss=skew_kl / skew_reverse_kl, < 1
     student_token_weight: float = bounded(1.0, lo=0.0)      # loss weight of student-owned tokens
     teacher_token_weight: float = bounded(1.0, lo=0.0)      # loss weight of teacher-owned tokens
+    sft_ratio: float = bounded(0.0, lo=0.0, hi=1.0)  # loss = (1-r) distill + r SFT on reference_ids
     teacher_source: str = choice("batch", ("batch", "model"))  # batch top-k, or teacher forward
     save_every: int = bounded(0, lo=0)             # steps between checkpoints; 0 = only at the end
     keep_last: int = bounded(2, lo=1)              # complete checkpoints kept

@@ -22,7 +22,7 @@ import torch
 
 from switchkd.rollout.models import check_pair, read_model_config
 from switchkd.trainer import checkpoint
-from switchkd.trainer.batch import check_rows
+from switchkd.trainer.batch import check_references, check_rows, reference_tokens
 from switchkd.trainer.ds_config import TrainerError, build_ds_config, lr_factor, resolve_device
 from switchkd.trainer.export import check_new_dir
 from switchkd.trainer.metrics import MetricsLogger
@@ -117,13 +117,16 @@ class Trainer:
             raise TrainerError(f"{source}: {table.num_rows} rows, trainer.batch_size is {self.tc.batch_size}")
         if table.num_rows == 0:
             raise TrainerError(f"{source}: no rows with a response to train on")
+        if self.tc.sft_ratio > 0:
+            check_references(table, source, self.max_len)
         total_tokens = sum(table.column("response_ids").combine_chunks().value_lengths().to_pylist())
+        ref_tokens = reference_tokens(table) if self.tc.sft_ratio > 0 else 0
         rows, batch_version = table.num_rows, min(table.column("policy_version").to_pylist())
         if self._actors is not None:
             import ray
 
             table = ray.put(table)  # one copy in the object store, read by every actor
-        sums = self._all("train_step", table, total_tokens)
+        sums = self._all("train_step", table, total_tokens, ref_tokens)
         staleness = self.policy_version - batch_version
         self.step += 1
         self.policy_version += 1
@@ -132,6 +135,7 @@ class Trainer:
             "step": self.step, "loss": sums["loss"],
             "loss_student_tokens": _ratio(sums["div_student"], sums["tokens_student"]),
             "loss_teacher_tokens": _ratio(sums["div_teacher"], sums["tokens_teacher"]),
+            "sft_loss": _ratio(sums["sft_nll"], sums["tokens_ref"]),
             "tokens": total_tokens, "tokens_per_s": total_tokens / seconds, "seconds": seconds,
             "lr": sums["lr"], "grad_norm": sums["grad_norm"],
             "teacher_fraction": _ratio(sums["tokens_teacher"], total_tokens),

@@ -15,18 +15,21 @@ from tqdm import tqdm
 from switchkd.rollout.models import read_model_config
 from switchkd.rollout.schema import read_rollouts
 from switchkd.trainer import checkpoint
-from switchkd.trainer.batch import check_rows
+from switchkd.trainer.batch import check_references, check_rows
 from switchkd.trainer.ds_config import TrainerError
 from switchkd.trainer.group import Trainer
 
 
-def load_rollouts(paths: list[str], student_dir: str) -> tuple[pa.Table, int]:
-    """All rows of ``paths``, checked (errors name file and row); returns (rows, empty ones skipped)."""
+def load_rollouts(paths: list[str], student_dir: str, sft_ratio: float = 0.0) -> tuple[pa.Table, int]:
+    """All rows of ``paths``, checked (errors name file and row); returns (rows, empty ones skipped).
+    With ``sft_ratio`` > 0 every file must carry reference_ids (trainer.sft_ratio)."""
     model = read_model_config(student_dir, "model.student")
     vocab, max_len = model["vocab_size"], model.get("max_position_embeddings") or 2**31
     tables, skipped = [], 0
     for path in paths:
         table, n = check_rows(read_rollouts(path, vocab), str(path), vocab, max_len)
+        if sft_ratio > 0:
+            check_references(table, str(path), max_len)
         tables.append(table)
         skipped += n
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -57,7 +60,7 @@ def train_offline(cfg, rollouts: list[str], resume: bool = False, stop_after: in
     if not resume and latest is not None:
         raise TrainerError(f"trainer.output_dir={tc.output_dir} already holds checkpoints ({latest.name}); "
                            f"pass --resume to continue, or choose a new trainer.output_dir")
-    table, skipped = load_rollouts(rollouts, cfg.model.student)
+    table, skipped = load_rollouts(rollouts, cfg.model.student, tc.sft_ratio)
     per_epoch = -(-table.num_rows // tc.batch_size)
     total_steps = tc.max_steps or tc.epochs * per_epoch
     if resume and checkpoint.read_state(latest)["step"] >= total_steps:
@@ -72,7 +75,7 @@ def train_offline(cfg, rollouts: list[str], resume: bool = False, stop_after: in
         bar = tqdm(total=total_steps, initial=trainer.step, unit="step", desc="train", disable=not progress)
         while trainer.step < total_steps:
             idx = batch_rows(table.num_rows, tc.batch_size, tc.seed, trainer.step)
-            last = trainer.train_step(table.take(idx), checked=True)
+            last = trainer.train_step(table.take(idx), source=", ".join(map(str, rollouts)), checked=True)
             first_loss = last["loss"] if first_loss is None else first_loss
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")

@@ -19,15 +19,15 @@ import torch
 import torch.distributed as dist
 
 from switchkd.trainer import checkpoint
-from switchkd.trainer.batch import collate
+from switchkd.trainer.batch import collate, collate_reference
 from switchkd.trainer.ds_config import build_ds_config, lr_factor
 from switchkd.trainer.export import write_hf_dir
-from switchkd.trainer.losses import owner_weights, per_token_divergence
+from switchkd.trainer.losses import owner_weights, per_token_divergence, sft_loss
 
 DS_TAG = "deepspeed"
 # Per-step sums reduced over ranks: weighted loss, student-token divergence, student tokens,
-# teacher-token divergence, teacher tokens.
-_SUMS = ("loss", "div_student", "tokens_student", "div_teacher", "tokens_teacher")
+# teacher-token divergence, teacher tokens, reference-token NLL (SFT term), reference tokens.
+_SUMS = ("loss", "div_student", "tokens_student", "div_teacher", "tokens_teacher", "sft_nll", "tokens_ref")
 
 
 class TrainWorker:
@@ -82,8 +82,10 @@ class TrainWorker:
             self.teacher = load_hf_model(self.cfg.model.teacher, self.cfg.model.dtype,
                                          self.cfg.model.trust_remote_code).to(self.device)
 
-    def train_step(self, table: pa.Table, total_tokens: int) -> dict:
-        """One optimizer step on ``table`` (checked rows); loss is a mean over ``total_tokens``."""
+    def train_step(self, table: pa.Table, total_tokens: int, ref_tokens: int = 0) -> dict:
+        """One optimizer step on ``table`` (checked rows): the distillation loss is a mean over the
+        step's ``total_tokens`` response tokens, the SFT term (trainer.sft_ratio > 0) a mean over its
+        ``ref_tokens`` reference tokens, and the loss (1 - r) * distill + r * sft."""
         self.engine.train()
         lr = float(self.engine.get_lr()[0])
         mine = list(range(self.rank, table.num_rows, self.world))
@@ -91,7 +93,7 @@ class TrainWorker:
         sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)  # nccl reduces device tensors
         for j in range(self.tc.grad_accum_steps):
             rows = mine[j * m:(j + 1) * m]
-            loss = self._micro_loss(table.take(rows), total_tokens, sums) if rows else self._dummy_loss()
+            loss = self._micro_loss(table.take(rows), total_tokens, ref_tokens, sums) if rows else self._dummy_loss()
             self.engine.backward(loss, scale_wrt_gas=False)
             self.engine.step()
         dist.all_reduce(sums)
@@ -100,9 +102,21 @@ class TrainWorker:
         out.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm))
         return out
 
-    def _micro_loss(self, rows: pa.Table, total_tokens: int, sums: torch.Tensor) -> torch.Tensor:
+    def _micro_loss(self, rows: pa.Table, total_tokens: int, ref_tokens: int, sums: torch.Tensor) -> torch.Tensor:
         b = collate(rows, self.pad_id).to(self.device)
-        logits = self.engine(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        r = self.tc.sft_ratio
+        ref = collate_reference(rows, self.pad_id) if r > 0 else None
+        input_ids, attention = b.input_ids, b.attention_mask
+        if ref is not None:
+            # One forward for both terms (ZeRO-3 gathers stay one per micro-batch on every rank):
+            # reference sequences are stacked under the rollout ones, right-padded to one length.
+            ref_ids, ref_attention, ref_mask = (t.to(self.device) for t in ref)
+            width = max(input_ids.shape[1], ref_ids.shape[1])
+            input_ids = torch.cat([_pad(input_ids, width, self.pad_id), _pad(ref_ids, width, self.pad_id)])
+            attention = torch.cat([_pad(attention, width, 0), _pad(ref_attention, width, 0)])
+        all_logits = self.engine(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        n, length = b.input_ids.shape
+        logits = all_logits[:n, :length - 1]
         keep = b.loss_mask
         if self.teacher is not None:
             with torch.no_grad():
@@ -115,11 +129,23 @@ class TrainWorker:
         # DeepSpeed averages gradients over ranks; multiplying by world makes the result the
         # per-token mean over the whole step, whatever the split over ranks and micro-batches.
         loss = (div * weights.to(div.dtype)).sum() * (self.world / total_tokens)
+        nll_sum = torch.zeros((), dtype=loss.dtype, device=self.device)
+        n_ref = 0
+        if ref is not None:
+            ref_logits = all_logits[n:, :ref_ids.shape[1] - 1]
+            n_ref = int(ref_mask.sum())
+            # sft_loss is the mean NLL over the mask; times its token count gives the sum, which
+            # is normalised like the distillation term: by the step's reference tokens, times world.
+            nll_sum = sft_loss(ref_logits, ref_ids[:, 1:], ref_mask) * n_ref
+        if r > 0:
+            loss = (1 - r) * loss + r * nll_sum * (self.world / max(ref_tokens, 1))
         with torch.no_grad():
             is_teacher = b.owner[keep] == 1
             d = div.detach().double()
             sums += torch.stack([loss.detach().double() / self.world, d[~is_teacher].sum(),
-                                 (~is_teacher).sum().double(), d[is_teacher].sum(), is_teacher.sum().double()])
+                                 (~is_teacher).sum().double(), d[is_teacher].sum(), is_teacher.sum().double(),
+                                 nll_sum.detach().double(), torch.tensor(float(n_ref), dtype=torch.float64,
+                                                                         device=self.device)])
         return loss
 
     def _dummy_loss(self) -> torch.Tensor:
@@ -163,6 +189,11 @@ class TrainWorker:
         with torch.no_grad():
             out = self.engine(input_ids=input_ids.to(self.device)).logits.float().cpu()
         return out if self.rank == 0 else None
+
+
+def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad the last dimension of ``t`` to ``width`` with ``value``."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
 
 
 def free_port() -> int:

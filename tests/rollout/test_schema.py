@@ -10,7 +10,7 @@ def _row(**changes):
         "prompt_index": 3, "prompt_ids": [5, 6, 7], "response_ids": [8, 2], "owner": [0, 1],
         "jsd": [0.1, 0.5], "tau": [0.4, 0.39], "student_logprob": [-1.0, -2.0],
         "teacher_topk_ids": [[8, 9], [2, 4]], "teacher_topk_logprobs": [[-0.5, -1.5], [-0.1, -3.0]],
-        "policy_version": 0, "seed": 17, "finish_reason": "stop",
+        "policy_version": 0, "seed": 17, "finish_reason": "stop", "reference_ids": [],
     }
     row.update(changes)
     return row
@@ -58,6 +58,23 @@ def test_wrong_version_missing_columns_and_not_parquet(tmp_path):
         schema.read_rollouts(tmp_path / "junk.parquet")
     with pytest.raises(schema.SchemaError, match="does not exist"):
         schema.read_rollouts(tmp_path / "missing.parquet")
+
+
+def test_reference_ids_round_trip_and_vocab_check(tmp_path):
+    path = tmp_path / "r.parquet"
+    schema.write_parquet(schema.to_table([_row(reference_ids=[4, 9, 2]), _row(prompt_index=4)]), path)
+    assert schema.read_rollouts(path, vocab_size=10).column("reference_ids").to_pylist() == [[4, 9, 2], []]
+    schema.write_parquet(schema.to_table([_row(), _row(reference_ids=[4, 11])]), path)
+    with pytest.raises(schema.SchemaError, match=r"row 1 .*token id 11 outside the vocabulary \[0, 10\)"):
+        schema.read_rollouts(path, vocab_size=10)
+
+
+def test_version_1_file_is_refused(tmp_path):
+    v1 = schema.to_table([_row()]).drop_columns(["reference_ids"])
+    v1 = v1.replace_schema_metadata({b"switchkd.schema_version": b"1"})
+    pq.write_table(v1, tmp_path / "v1.parquet")
+    with pytest.raises(schema.SchemaError, match="v1.parquet: rollout schema version 1, this switchkd reads version 2"):
+        schema.read_rollouts(tmp_path / "v1.parquet")
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def _row(**changes):
         "prompt_index": 3, "prompt_ids": [5, 6, 7], "response_ids": [8, 2], "owner": [0, 1],
         "jsd": [0.1, 0.5], "tau": [0.4, 0.39], "student_logprob": [-1.0, -2.0],
         "teacher_topk_ids": [[8, 9], [2, 4, 1]], "teacher_topk_logprobs": [[-0.5, -1.5], [-0.1, -3.0, -4.0]],
-        "policy_version": 0, "seed": 17, "finish_reason": "stop",
+        "policy_version": 0, "seed": 17, "finish_reason": "stop", "reference_ids": [],
     }
     row.update(changes)
     return row

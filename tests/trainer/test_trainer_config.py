@@ -16,6 +16,8 @@ from switchkd.trainer.ds_config import TrainerError, build_ds_config, lr_factor
     ("trainer.lr=0", "trainer.lr=0.0: must be > 0.0"),
     ("trainer.warmup_step=3", "did you mean trainer.warmup_steps?"),
     ("trainer.num_workers=0", "trainer.num_workers=0: must be >= 1"),
+    ("trainer.sft_ratio=1.5", "trainer.sft_ratio=1.5: must be <= 1"),
+    ("trainer.sft_ratio=-0.1", "trainer.sft_ratio=-0.1: must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
