@@ -7,6 +7,8 @@ actors, so with Ray the two engines work in parallel within a round.
 """
 from __future__ import annotations
 
+import threading
+
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.vllm_engine import VLLMEngine
 
@@ -41,10 +43,40 @@ class _RayPending:
     def __init__(self, ref):
         self.ref = ref
 
-    def result(self):
+    def result(self, timeout: float | None = ACTOR_CALL_TIMEOUT_S):
         import ray
 
-        return ray.get(self.ref, timeout=ACTOR_CALL_TIMEOUT_S)
+        try:
+            return ray.get(self.ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(self.ref)
+            raise TimeoutError(f"engine call did not finish within {timeout:.0f} s") from None
+
+
+class InBackground:
+    """``fn(*args)`` on a daemon thread (a Ctrl-C'd run never waits for it); ``result`` joins."""
+
+    def __init__(self, fn, *args):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float | None = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"background call did not finish within {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class EngineHandle:
@@ -66,6 +98,19 @@ class EngineHandle:
 
     def score_async(self, *args, **kwargs):
         return self._call("score", *args, **kwargs)
+
+    def submit(self, method: str, *args):
+        """Call ``method`` without blocking this thread: a Ray actor call, or, for an engine in
+        this process, a background thread (so a blocking peer call can run meanwhile)."""
+        if self.actor is not None:
+            return _RayPending(getattr(self.actor, method).remote(*args))
+        return InBackground(getattr(self.engine, method), *args)
+
+    def call(self, method: str, *args, timeout: float | None = ACTOR_CALL_TIMEOUT_S):
+        """Call ``method`` and wait for its result."""
+        if self.actor is not None:
+            return self.submit(method, *args).result(timeout)
+        return getattr(self.engine, method)(*args)
 
     def step_async(self, decode: dict | None, score: dict | None):
         """Drafting for some sequences and scoring others' drafts in one engine call."""
@@ -96,8 +141,10 @@ def engine_kwargs(path: str, model: ModelConfig, engine: EngineConfig, seed: int
     )
 
 
-def start_engines(model: ModelConfig, rollout: RolloutConfig) -> tuple[EngineHandle, EngineHandle]:
-    """Start the teacher and student engines as configured (in-process or Ray actors)."""
+def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | None = None
+                  ) -> tuple[EngineHandle, EngineHandle]:
+    """Start the teacher and student engines as configured: in-process, or Ray actors (with
+    ``placement``, {"teacher"/"student": Ray scheduling strategy}, they always are actors)."""
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
     handles = []
     for cls, path, engine in specs:
@@ -107,18 +154,22 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig) -> tuple[EngineHan
             handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
             continue
         kwargs = engine_kwargs(path, model, engine, rollout.seed)
-        if rollout.use_ray:
-            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs)))
+        if rollout.use_ray or placement is not None:
+            strategy = (placement or {}).get("teacher" if cls is TeacherEngine else "student")
+            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs, strategy)))
         else:
             handles.append(EngineHandle(engine=cls(**kwargs)))
     return handles[0], handles[1]
 
 
-def _start_actor(cls, engine: EngineConfig, kwargs: dict):
+def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=None):
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
-    return actor_cls.options(runtime_env={"env_vars": env}).remote(**kwargs)
+    options = {"runtime_env": {"env_vars": env}}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return actor_cls.options(**options).remote(**kwargs)

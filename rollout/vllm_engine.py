@@ -132,14 +132,19 @@ class VLLMEngine:
             enable_prefix_caching=True,
             skip_tokenizer_init=True,
             logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN],
+            worker_extension_cls=vllm_fastpath.WORKER_EXTENSION_FQCN,
             **extra,
         )
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if tensor_parallel_size > 1:  # TP workers as processes inside this engine's host (one node)
+            kwargs["distributed_executor_backend"] = "mp"
         self._fastpath = vllm_fastpath
         self.llm = LLM(**kwargs)
         self._vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self._closed = False
+        self.tensor_parallel_size = int(tensor_parallel_size)
+        self.weight_version = 0  # version of the weights served; 0 = as loaded from ``model``
         # Diagnostics of the last score() call: prefix-cache hits per sequence, and which
         # sequences were scored again without reading the cache.
         self.last_score_stats: dict = {"num_cached_tokens": [], "rescored": []}
@@ -162,6 +167,39 @@ class VLLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         return bool(self.llm.reset_prefix_cache())
+
+    # ------------------------------------------------------------------ weight sync
+
+    def version(self) -> int:
+        """The weight version this engine serves (0 = the weights it started with)."""
+        return self.weight_version
+
+    def num_sync_ranks(self) -> int:
+        """Workers that join a collective weight-sync group (one per tensor-parallel rank)."""
+        return self.tensor_parallel_size
+
+    def init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> list[int]:
+        """Join the collective weight-sync group hosted by trainer rank 0 (see weight_sync)."""
+        return self.llm.collective_rpc("switchkd_init_weight_group", args=(host, port, world, backend, timeout_s))
+
+    def update_weights(self, ticket: dict) -> int:
+        """Load the weight version a ``weight_sync.SyncTicket`` describes, then drop the prefix
+        cache (its KV blocks belong to the old weights). A refused or failed version raises
+        WeightSyncError and the engine keeps serving the weights it had."""
+        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
+
+        version, transport = int(ticket["version"]), ticket["transport"]
+        if transport == "shm":
+            check_newer(version, self.weight_version)
+            self.llm.collective_rpc("switchkd_load_weights_file",
+                                    args=(ticket["path"], version, self.weight_version))
+        elif transport == "collective":
+            self.llm.collective_rpc("switchkd_receive_weights", args=(self.weight_version,))
+        else:
+            raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
+        self.reset_prefix_cache()
+        self.weight_version = version
+        return version
 
     def _generate(self, prompts: Sequence[Sequence[int]], params: list):
         if self._closed:

@@ -633,3 +633,42 @@ class SwitchSamplingLogitsProcessor(LogitsProcessor):
 
 
 LOGITS_PROCESSOR_FQCN = f"{__name__}:SwitchSamplingLogitsProcessor"  # vLLM wants "<module>:<type>"
+
+
+class WeightSyncExtension:
+    """Weight-sync methods vLLM mixes into its worker (``worker_extension_cls``), reached through
+    ``LLM.collective_rpc`` on every worker of the engine. Weights go through the worker's own
+    ``reload_weights`` (in place, HF checkpoint names); see switchkd.rollout.weight_sync."""
+
+    def switchkd_load_weights_file(self, path: str, version: int, current_version: int) -> int:
+        """shm: load version directory ``path`` (checked against its manifest first)."""
+        from switchkd.rollout.weight_sync import check_newer
+        from switchkd.rollout.weight_sync_shm import read_weights
+
+        check_newer(version, current_version)
+        self.reload_weights(weights_iterator=iter(read_weights(path, version)))
+        return version
+
+    def switchkd_init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> int:
+        """collective: join the sync group as rank 1 + this worker's rank; returns that rank."""
+        from switchkd.rollout.weight_sync_collective import new_group
+
+        rank = 1 + self.rank
+        self.switchkd_sync_group = (new_group(backend, host, port, rank, world, timeout_s), timeout_s)
+        return rank
+
+    def switchkd_receive_weights(self, current_version: int) -> int:
+        """collective: receive one broadcast version; refused (after draining it) unless newer."""
+        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
+        from switchkd.rollout.weight_sync_collective import receive_weights
+
+        if getattr(self, "switchkd_sync_group", None) is None:
+            raise WeightSyncError("collective weight sync: the engine has not joined a sync group")
+        group, timeout_s = self.switchkd_sync_group
+        version, weights = receive_weights(group, self.device, timeout_s)
+        check_newer(version, current_version)
+        self.reload_weights(weights_iterator=iter(weights))
+        return version
+
+
+WORKER_EXTENSION_FQCN = f"{__name__}.WeightSyncExtension"  # vLLM resolves "<module>.<type>"

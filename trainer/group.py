@@ -30,7 +30,10 @@ from switchkd.trainer.worker import TrainWorker, free_port
 
 
 class Trainer:
-    def __init__(self, cfg, total_steps: int | None = None, resume_from: str | Path | None = None):
+    def __init__(self, cfg, total_steps: int | None = None, resume_from: str | Path | None = None,
+                 placement: tuple | None = None):
+        """``placement`` = (Ray placement group, index of the first of num_workers bundles): the
+        workers become actors there, even a single one (the closed loop places every role)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.tc = cfg, cfg.trainer
@@ -49,7 +52,7 @@ class Trainer:
         self.data_state: dict = {}
         self._ray_started, self._workers, self._actors, self._pg, self.metrics = False, None, None, None, None
         try:
-            self._start_workers(total_steps, pad_id)
+            self._start_workers(total_steps, pad_id, placement)
             if resume_from is not None:
                 self.load_checkpoint(resume_from)
             self.metrics = MetricsLogger(self.tc.output_dir, self.tc.tensorboard, start_step=self.step)
@@ -58,9 +61,9 @@ class Trainer:
             raise
 
     # --- workers -------------------------------------------------------------------------------
-    def _start_workers(self, total_steps, pad_id):
+    def _start_workers(self, total_steps, pad_id, placement):
         args = (self.device, total_steps, pad_id)
-        if self.tc.num_workers == 1:
+        if self.tc.num_workers == 1 and placement is None:
             self._workers = [TrainWorker(self.cfg, 0, 1, *args)]
             self._workers[0].start("127.0.0.1", free_port(), 0)
             return
@@ -74,24 +77,34 @@ class Trainer:
             self._ray_started = True
         gpus = 1 if self.device == "cuda" else 0
         bundle = {"CPU": self.tc.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        self._pg = placement_group([bundle] * self.tc.num_workers, strategy="PACK")
-        try:
-            ray.get(self._pg.ready(), timeout=self.tc.dist_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TrainerError(f"trainer.num_workers={self.tc.num_workers}: Ray could not place {self.tc.num_workers} "
-                               f"workers of {bundle} within {self.tc.dist_timeout_s:.0f} s (cluster has "
-                               f"{ray.cluster_resources()})") from None
+        if placement is None:
+            self._pg = placement_group([bundle] * self.tc.num_workers, strategy="PACK")
+            try:
+                ray.get(self._pg.ready(), timeout=self.tc.dist_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise TrainerError(f"trainer.num_workers={self.tc.num_workers}: Ray could not place "
+                                   f"{self.tc.num_workers} workers of {bundle} within {self.tc.dist_timeout_s:.0f} s "
+                                   f"(cluster has {ray.cluster_resources()})") from None
+        pg, first = placement or (self._pg, 0)
         cls = ray.remote(TrainWorker)
         self._actors = []
         for rank in range(self.tc.num_workers):
-            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank)
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + rank)
             self._actors.append(cls.options(num_cpus=self.tc.cpus_per_worker, num_gpus=gpus,
                                       scheduling_strategy=strategy).remote(
-                self.cfg, rank, self.tc.num_workers, *args))
+                self.cfg, rank, self.tc.num_workers, *args, in_actor=True))
         addresses = ray.get([a.rendezvous_address.remote() for a in self._actors])
         ips = [ip for ip, _ in addresses]
         local_ranks = [ips[:rank].count(ip) for rank, ip in enumerate(ips)]  # DeepSpeed's per-node index
         ray.get([a.start.remote(*addresses[0], local) for a, local in zip(self._actors, local_ranks)])
+
+    def _rank0(self, method: str, *args):
+        """Call ``method`` on rank 0 only (not collective)."""
+        if self._actors is None:
+            return getattr(self._workers[0], method)(*args)
+        import ray
+
+        return ray.get(getattr(self._actors[0], method).remote(*args))
 
     def _all(self, method: str, *args):
         """Call ``method`` on every rank (collective) and return rank 0's result."""
@@ -178,6 +191,22 @@ class Trainer:
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         """Full student weights (CPU tensors, HF names), gathered from every ZeRO shard."""
         return self._all("full_state_dict")
+
+    def sync_address(self) -> tuple[str, int]:
+        """(host, free port) on rank 0's node, where it hosts the collective weight-sync group."""
+        return self._rank0("sync_address")
+
+    def node_id(self) -> str | None:
+        """Ray node of rank 0 (None without Ray): the shm transport needs the engine on it."""
+        return self._rank0("node_id")
+
+    def init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
+        """Rank 0 joins the weight-sync group as its rank 0 (blocks until all ``world`` ranks join)."""
+        self._rank0("init_weight_group", host, port, world, backend, timeout_s)
+
+    def push_weights(self, transport: str, root: str | None = None) -> dict:
+        """Send the current weights as version ``policy_version`` (weight_sync); the engine's ticket."""
+        return self._all("push_weights", transport, self.policy_version, root)
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the current student as an HF model directory (safetensors + config + tokenizer)."""

@@ -31,11 +31,14 @@ _SUMS = ("loss", "div_student", "tokens_student", "div_teacher", "tokens_teacher
 
 
 class TrainWorker:
-    def __init__(self, cfg, rank: int, world_size: int, device: str, total_steps: int | None, pad_id: int):
+    def __init__(self, cfg, rank: int, world_size: int, device: str, total_steps: int | None, pad_id: int,
+                 in_actor: bool = False):
         """Cheap on purpose: addresses are asked for before anything heavy (``start``) runs."""
         self.cfg, self.tc = cfg, cfg.trainer
         self.rank, self.world = rank, world_size
         self.device_kind, self.total_steps, self.pad_id = device, total_steps, pad_id
+        self.in_actor = in_actor
+        self.sync_group = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it (rank 0's is the process-group rendezvous)."""
@@ -53,7 +56,7 @@ class TrainWorker:
         # DeepSpeed 0.19 still calls collectives torch deprecates: one warning per call under ZeRO-3.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         rank, world_size, device = self.rank, self.world, self.device_kind
-        if world_size > 1 and device == "cpu" and self.tc.cpus_per_worker >= 1:
+        if self.in_actor and device == "cpu" and self.tc.cpus_per_worker >= 1:
             torch.set_num_threads(int(self.tc.cpus_per_worker))  # an actor uses its share, not every core
         # A GPU actor sees only its own device (Ray sets CUDA_VISIBLE_DEVICES), so it is cuda:0 there.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
@@ -177,6 +180,44 @@ class TrainWorker:
         persistent = set(module.state_dict().keys())
         out.update({n: b.detach().to("cpu", copy=True) for n, b in module.named_buffers() if n in persistent})
         return out if self.rank == 0 else None
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the weight-sync group: this node's address and a free port."""
+        return (self.rendezvous_address() if self.in_actor else ("127.0.0.1", free_port()))
+
+    def node_id(self) -> str | None:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if self.in_actor else None
+
+    def init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
+        """Rank 0 hosts the collective weight-sync group (rank 0 of ``world``); other ranks do nothing."""
+        from switchkd.rollout.weight_sync_collective import new_group
+
+        if self.rank == 0:
+            self.sync_group = (new_group(backend, host, port, 0, world, timeout_s), timeout_s)
+
+    def push_weights(self, transport: str, version: int, root: str | None) -> dict | None:
+        """Collective: gather the full student; rank 0 sends it as ``version`` in the model dtype
+        (shm: a version directory under ``root``) and returns the engine's SyncTicket as a dict."""
+        from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        dtype = getattr(torch, self.cfg.model.dtype)
+        state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
+        if transport == "shm":
+            from switchkd.rollout.weight_sync_shm import write_weights
+
+            return SyncTicket(version, "shm", str(write_weights(root, version, state))).to_dict()
+        from switchkd.rollout.weight_sync_collective import send_weights
+
+        if self.sync_group is None:
+            raise WeightSyncError("collective weight sync: trainer rank 0 has not joined a sync group")
+        group, timeout_s = self.sync_group
+        send_weights(group, state, version, self.device, timeout_s)
+        return SyncTicket(version, "collective").to_dict()
 
     def export(self, out_dir: str, tokenizer_dir: str) -> None:
         state = self.full_state_dict()

@@ -1,0 +1,107 @@
+"""``shm`` weight-sync transport: versioned safetensors on tmpfs, atomic and checksummed.
+
+Layout under the sync root (owner-only: 0700 directories, 0600 files):
+
+    v00000003/model.safetensors
+    v00000003/manifest.json     {"version": 3, "sha256": ..., "bytes": ..., "tensors": 290}
+
+A version directory appears only complete (written under ``.tmp-*``, fsynced, renamed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from switchkd.rollout.weight_sync import WeightSyncError
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 8 << 20
+
+
+def default_root() -> Path:
+    """A private directory on tmpfs (/dev/shm) when there is one, else in the temp dir."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="switchkd-sync-", dir=base))
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / f"v{version:08d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_weights(root: str | Path, version: int, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``state`` as version ``version`` under ``root``; returns the version directory."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    final = version_dir(root, version)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        weights = tmp / WEIGHTS_FILE
+        tensors = {name: t.detach().contiguous() for name, t in state.items()}
+        save_file(tensors, str(weights), metadata={"version": str(version)})
+        manifest = {"version": version, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
+                    "tensors": len(tensors)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest))
+        for path in (weights, tmp / MANIFEST_FILE):
+            os.chmod(path, 0o600)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # a retry of the same version replaces the earlier attempt
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_weights(path: str | Path, version: int) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of version directory ``path``, only if its manifest names
+    ``version`` and size and SHA-256 match; WeightSyncError (naming the problem) otherwise."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        expected = (int(manifest["version"]), str(manifest["sha256"]), int(manifest["bytes"]))
+    except FileNotFoundError as e:
+        raise WeightSyncError(f"{path}: {e.filename and Path(e.filename).name} is missing") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightSyncError(f"{path}/{MANIFEST_FILE}: unreadable manifest ({e})") from None
+    got_version, sha, size = expected
+    if got_version != version:
+        raise WeightSyncError(f"{path}: manifest is version {got_version}, expected {version}")
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise WeightSyncError(f"{weights} is missing")
+    if weights.stat().st_size != size:
+        raise WeightSyncError(f"{weights}: {weights.stat().st_size} bytes, manifest says {size} (truncated?)")
+    if sha256_file(weights) != sha:
+        raise WeightSyncError(f"{weights}: SHA-256 does not match the manifest (corrupt file)")
+    try:
+        return list(load_file(str(weights)).items())
+    except Exception as e:  # safetensors raises its own SafetensorError on a malformed header
+        raise WeightSyncError(f"{weights}: not a valid safetensors file ({e})") from None
+
+
+def prune(root: str | Path, keep: Path) -> None:
+    """Delete every version directory under ``root`` except ``keep``."""
+    for path in Path(root).glob("v*"):
+        if path != Path(keep) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
