@@ -10,10 +10,9 @@ from tqdm import tqdm
 
 from switchkd.rollout import schema
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.data import PromptError, load_prompts
 from switchkd.rollout.models import check_pair
-from switchkd.rollout.prompts import PromptError, read_prompt_jsonl
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
-from switchkd.rollout.switch import prompt_seed
+from switchkd.rollout.sequences import SequenceBuilder
 
 POSITION_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -40,25 +39,6 @@ class RolloutSummary:
             f"teacher fraction by position: {buckets}",
             f"finish reasons: {dict(self.finish_reasons)}",
         ] + ([f"top-k decision agreement with exact: {self.topk_agreement:.4f}"] if self.topk_agreement is not None else [])
-
-
-def load_prompts(data: DataConfig, tokenizer, run_seed: int) -> tuple[list[Prompt], Counter]:
-    """Tokenized prompts (and reference responses, EOS appended) with per-prompt seeds; bad or
-    too-long rows skipped and counted."""
-    rows, skipped = read_prompt_jsonl(data.prompts, data.max_prompts)
-    prompts = []
-    for index, text, response in rows:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) > data.max_prompt_tokens:
-            skipped["longer than data.max_prompt_tokens"] += 1
-            continue
-        reference = []
-        if response is not None:
-            reference = tokenizer(response, add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                reference = reference + [tokenizer.eos_token_id]
-        prompts.append(Prompt(index, ids, prompt_seed(run_seed, index), reference))
-    return prompts, skipped
 
 
 def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer):
