@@ -6,13 +6,16 @@ import logging
 import sys
 
 from switchkd.cluster.config import ConfigError, load_config
+from switchkd.rollout.config import SPLITS
+from switchkd.rollout.data import PromptError
 from switchkd.rollout.models import ModelError
-from switchkd.rollout.prompts import PromptError
 from switchkd.rollout.schema import SchemaError
+from switchkd.cluster.placement import ClusterError
+from switchkd.rollout.weight_sync import WeightSyncError
 from switchkd.trainer.ds_config import TrainerError
 
 # Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, ModelError, PromptError, SchemaError, TrainerError)
+USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
 
 
 def _cmd_tiny_models(args) -> None:
@@ -48,11 +51,56 @@ def _cmd_train_offline(args) -> None:
           f"{result['skipped_rows']} empty responses skipped; checkpoint {result['checkpoint']}")
 
 
+def _cmd_train(args) -> None:
+    from switchkd.cluster.placement import plan_placement
+
+    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)
+    plan = plan_placement(cfg)
+    if args.dry_run:
+        print(f"config {args.config}: valid")
+        print(plan.describe())
+        print(f"loop: max_staleness {cfg.loop.max_staleness}; {cfg.trainer.batch_size} prompts per step; steps "
+              f"{cfg.trainer.max_steps or f'{cfg.trainer.epochs} epoch(s) over {cfg.data.prompts}'}; weight sync "
+              f"{cfg.sync.transport}; Ray {cfg.cluster.address or 'private, 127.0.0.1'}")
+        return
+    from switchkd.cluster.driver import train
+
+    result = train(cfg, resume=args.resume)
+    print(f"trained to step {result['steps']} (policy version {result['policy_version']}): loss "
+          f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}; checkpoint {result['checkpoint']}"
+          + (f"; student exported to {result['export']}" if result.get("export") else ""))
+
+
 def _cmd_export(args) -> None:
     from switchkd.trainer.export import export_checkpoint
 
     ckpt = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {ckpt} -> {args.out}")
+
+
+def _cmd_data_prepare(args) -> None:
+    from switchkd.rollout.data import DEFAULT_DATA_PACKAGE, prepare_default_data
+
+    rows, written = prepare_default_data(args.out)
+    print(f"default data ({DEFAULT_DATA_PACKAGE}, English pairs): {rows} rows in {args.out}"
+          f"{'' if written else ' (already up to date)'}")
+
+
+def _cmd_eval(args) -> None:
+    import dataclasses
+
+    from switchkd.rollout.evaluate import report_lines, rollout_teacher_fraction, run_eval, write_report
+
+    cfg = load_config(args.config, args.overrides)
+    rollouts = rollout_teacher_fraction(args.rollouts) if args.rollouts else None   # bad files fail before vLLM starts
+    report = run_eval(cfg.model, dataclasses.replace(cfg.data, split=args.split), cfg.rollout, args.model)
+    if rollouts:
+        report["rollouts"] = rollouts
+    if args.out:
+        write_report(report, args.out)
+        print(f"wrote {args.out}")
+    print("\n".join(report_lines(report)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,10 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.set_defaults(func=_cmd_train_offline)
 
+    p = sub.add_parser("train", help="distil with SWITCH in the closed loop: vLLM rollouts -> DeepSpeed -> weight sync")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--address", default=None, help="join this Ray cluster ('auto': the local one); "
+                   "default: a private Ray on 127.0.0.1 (or the cluster of a `ray job submit`)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in trainer.output_dir")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print the placement plan, start nothing")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("export", help="write a checkpoint's student as an HF model directory")
     p.add_argument("--checkpoint", required=True, help="checkpoints/step_N, or a run dir (its latest checkpoint)")
     p.add_argument("--out", required=True, help="new output directory")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("data", help="data sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="write the default data set (chatterbot-corpus, BSD) as prompt/response JSONL")
+    p.add_argument("--out", default="data/default.jsonl", help="output JSONL (default: data/default.jsonl)")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("eval", help="ROUGE-L of a model's responses (vLLM) against reference responses")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--model", required=True, help="HF model directory to evaluate (e.g. an exported student)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="data split to evaluate on (default: test)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--rollouts", action="append", default=[],
+                   help="SWITCH rollout Parquet: also report its teacher-token fraction by position (repeatable)")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -15,15 +15,47 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
-from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig, bounded, choice
+from switchkd.rollout.weight_sync import TRANSPORTS
 from switchkd.trainer.config import TrainerConfig
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ConfigError(ValueError):
     """A user error in a config file or override; its message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Weight sync from trainer rank 0 to the student engine (switchkd.rollout.weight_sync)."""
+    transport: str = choice("shm", TRANSPORTS)
+    dir: Optional[str] = None                      # shm: root directory; None = a private dir on /dev/shm
+    timeout_s: float = bounded(300.0, lo=0.0, lo_open=True)   # one sync; a dead peer fails, never hangs
+    retries: int = bounded(2, lo=0)                # a failed sync is retried this many times
+    check_equal: bool = False                      # after each sync, compare engine and trainer log-probs
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The closed loop: rollout -> train -> sync (switchkd.cluster.driver)."""
+    max_staleness: int = choice(1, (0, 1))         # 0: strictly on-policy; 1: rollout n+1 overlaps training n
+    save_rollouts: bool = True                     # each step's batch to OUTPUT_DIR/rollouts/step_N.parquet
+    export: bool = True                            # the final student to OUTPUT_DIR/export (HF format)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the actors run (switchkd.cluster.placement)."""
+    address: Optional[str] = None                  # None: a private Ray on 127.0.0.1; "auto" / "ray://...": join one
+    num_cpus: Optional[int] = bounded(None, lo=1)  # private Ray: logical CPUs (None: the cores, at least what the plan needs)
+    num_gpus: Optional[int] = bounded(None, lo=0)  # private Ray: GPUs (None: detected)
+    placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)
+    placement_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -32,6 +64,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

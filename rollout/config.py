@@ -8,7 +8,7 @@ and raise ValueError("<key>: <problem>").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from switchkd.rollout.switch import SCHEDULES
 
@@ -31,11 +31,29 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
+SPLITS = ("train", "validation", "test", "all")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    prompts: str = "configs/prompts/tiny.jsonl"   # JSONL with a "prompt" field per line
-    max_prompts: Optional[int] = bounded(None, lo=1)
-    max_prompt_tokens: int = bounded(512, lo=1)
+    """Prompts and reference responses (switchkd.rollout.data reads them)."""
+    prompts: str = "configs/prompts/tiny.jsonl"   # JSONL, Parquet, or an HF `datasets` directory
+    max_prompts: Optional[int] = bounded(None, lo=1)   # of the chosen split
+    max_prompt_tokens: int = bounded(512, lo=1)        # longer prompts are skipped and counted
+    max_response_tokens: int = bounded(512, lo=1)      # longer references (EOS included): row skipped and counted
+    # auto = the tokenizer's chat template when it has one; YAML reads on/off (and yes/no) as booleans: accepted
+    chat_template: Union[str, bool] = choice("auto", ("auto", "on", "off", True, False))
+    split: str = choice("train", SPLITS)               # which part of the data a command reads
+    split_seed: int = 0                                # rows are assigned by a hash of (seed, prompt text)
+    validation_fraction: float = bounded(0.1, lo=0.0, hi=1.0)
+    test_fraction: float = bounded(0.1, lo=0.0, hi=1.0)
+
+    def __post_init__(self):
+        if isinstance(self.chat_template, bool):
+            object.__setattr__(self, "chat_template", "on" if self.chat_template else "off")
+        if self.validation_fraction + self.test_fraction > 1:
+            raise ValueError(f"data.validation_fraction={self.validation_fraction} + data.test_fraction="
+                             f"{self.test_fraction}: must add up to at most 1")
 
 
 @dataclass(frozen=True)
@@ -94,3 +112,13 @@ class RolloutConfig:
             raise ValueError("rollout.student.server.url: only the teacher can run behind a server")
         if self.teacher.server.url is not None and self.engine != "vllm":
             raise ValueError("rollout.teacher.server.url: a teacher server needs rollout.engine=vllm")
+        for role, engine in (("teacher", self.teacher), ("student", self.student)):
+            key = f"rollout.{role}"
+            if engine.device == "cuda" and engine.num_gpus < engine.tensor_parallel_size:
+                raise ValueError(f"{key}.num_gpus={engine.num_gpus:g}: a cuda engine with tensor_parallel_size="
+                                 f"{engine.tensor_parallel_size} needs at least that many GPUs")
+            if engine.device == "cpu" and engine.num_gpus > 0:
+                raise ValueError(f"{key}.num_gpus={engine.num_gpus:g}: the engine runs on the CPU ({key}.device=cpu)")
+            if engine.device == "cpu" and engine.tensor_parallel_size > 1:
+                raise ValueError(f"{key}.tensor_parallel_size={engine.tensor_parallel_size}: tensor parallelism "
+                                 f"needs {key}.device=cuda")

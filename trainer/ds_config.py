@@ -21,8 +21,10 @@ class TrainerError(ValueError):
     """A user error on the trainer side (config, checkpoints, devices); one line for the user."""
 
 
-def resolve_device(cfg: TrainerConfig) -> str:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+def resolve_device(cfg: TrainerConfig, local: bool = True) -> str:
+    """"cuda" or "cpu". ``local=False``: the workers run elsewhere (Ray actors on GPU nodes), so
+    trainer.device=cuda is not checked here, and auto means the CPU unless this process sees a GPU."""
+    if cfg.device == "cuda" and local and not torch.cuda.is_available():
         raise TrainerError("trainer.device=cuda: no CUDA device is visible")
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
 

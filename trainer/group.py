@@ -42,7 +42,7 @@ class Trainer:
             check_pair(cfg.model.teacher, cfg.model.student, engine="hf")
         self.vocab_size = model_cfg["vocab_size"]
         self.max_len = model_cfg.get("max_position_embeddings") or 2**31
-        self.device = resolve_device(self.tc)
+        self.device = resolve_device(self.tc, local=placement is None)
         build_ds_config(self.tc, self.device)   # user-facing errors here, before any worker starts
         lr_factor(self.tc, total_steps)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
@@ -120,8 +120,9 @@ class Trainer:
         """Rows to train on and empty responses skipped; SchemaError names ``source`` and the row."""
         return check_rows(table, source, self.vocab_size, self.max_len)
 
-    def train_step(self, table: pa.Table, source: str = "<batch>", checked: bool = False) -> dict:
-        """One optimizer step on up to trainer.batch_size rollout rows; returns (and logs) its metrics."""
+    def train_step(self, table: pa.Table, source: str = "<batch>", checked: bool = False, log: bool = True) -> dict:
+        """One optimizer step on up to trainer.batch_size rollout rows; returns its metrics and logs
+        them (``log=False``: the caller adds its own figures and calls ``log_metrics``)."""
         start = time.perf_counter()
         skipped = 0
         if not checked:
@@ -155,8 +156,13 @@ class Trainer:
             "rows": rows, "skipped_rows": skipped, "policy_version": self.policy_version,
             "batch_policy_version": batch_version, "staleness": staleness,
         }
-        self.metrics.log(metrics)
+        if log:
+            self.log_metrics(metrics)
         return metrics
+
+    def log_metrics(self, metrics: dict) -> None:
+        """Append one step's metrics to metrics.jsonl (and TensorBoard)."""
+        self.metrics.log(metrics)
 
     # --- checkpoints, weights, export -----------------------------------------------------------
     def save_checkpoint(self, data_state: dict | None = None) -> Path:

@@ -195,7 +195,8 @@ class TrainWorker:
         from switchkd.rollout.weight_sync_collective import new_group
 
         if self.rank == 0:
-            self.sync_group = (new_group(backend, host, port, 0, world, timeout_s), timeout_s)
+            device = self.device if backend == "nccl" else torch.device("cpu")
+            self.sync_group = (new_group(backend, host, port, 0, world, timeout_s), timeout_s, device)
 
     def push_weights(self, transport: str, version: int, root: str | None) -> dict | None:
         """Collective: gather the full student; rank 0 sends it as ``version`` in the model dtype
@@ -215,8 +216,8 @@ class TrainWorker:
 
         if self.sync_group is None:
             raise WeightSyncError("collective weight sync: trainer rank 0 has not joined a sync group")
-        group, timeout_s = self.sync_group
-        send_weights(group, state, version, self.device, timeout_s)
+        group, timeout_s, device = self.sync_group
+        send_weights(group, state, version, device, timeout_s)
         return SyncTicket(version, "collective").to_dict()
 
     def export(self, out_dir: str, tokenizer_dir: str) -> None:

@@ -1,0 +1,192 @@
+"""`switchkd train`: the closed loop of DESIGN.md 2, on Ray actors placed by cluster.placement.
+
+    batch n, rolled out by the student engine at policy version v  ->  train step n (version n+1)
+    ->  sync version n+1 into the student engine  ->  batch n+1 ...
+
+``loop.max_staleness=0`` is strictly on-policy: batch n+1 is rolled out after the sync of n+1.
+``loop.max_staleness=1`` rolls batch n+1 out (engines driven from a background thread) while
+step n trains, with the weights of version n; the sync waits until that rollout is done, since
+an engine's weights never change under a running rollout. Every batch carries the version that
+made it; the staleness (trainer version - batch version) is checked against the bound and logged.
+
+The data order is a pure function of (trainer.seed, step), as in train-offline, so a checkpoint's
+step is its data position; prompt sampling seeds change per epoch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from switchkd.cluster.config import ConfigError
+from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
+                                        plan_placement, ray_session)
+from switchkd.cluster.sync import WeightSync
+from switchkd.rollout import schema
+from switchkd.rollout.data import PromptError, load_prompts
+from switchkd.rollout.generate import RolloutSummary, summarize
+from switchkd.rollout.models import check_pair
+from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.switch import prompt_seed
+from switchkd.trainer import checkpoint
+from switchkd.trainer.ds_config import TrainerError
+from switchkd.trainer.group import Trainer
+from switchkd.trainer.offline import batch_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutBatch:
+    step: int
+    table: pa.Table
+    version: int               # policy version of the student weights that generated it
+    summary: RolloutSummary
+
+
+class RolloutSource:
+    """The prompts of each step, rolled out on the engines into schema tables."""
+
+    def __init__(self, generator, prompts: list[Prompt], batch_size: int, data_seed: int, run_seed: int,
+                 out_dir: Path | None):
+        self.generator, self.prompts, self.batch_size = generator, prompts, batch_size
+        self.data_seed, self.run_seed, self.out_dir = data_seed, run_seed, out_dir
+        self.per_epoch = math.ceil(len(prompts) / batch_size)
+
+    def prompts_for(self, step: int) -> list[Prompt]:
+        """Step ``step``'s prompts; sampling seeds differ per epoch (epoch 0: as `switchkd generate`)."""
+        epoch = step // self.per_epoch
+        run_seed = self.run_seed + 1_000_003 * epoch
+        return [replace(self.prompts[i], seed=prompt_seed(run_seed, self.prompts[i].index))
+                for i in batch_rows(len(self.prompts), self.batch_size, self.data_seed, step)]
+
+    def run(self, step: int, version: int) -> RolloutBatch:
+        start = time.perf_counter()
+        seqs = self.generator.generate(self.prompts_for(step))
+        table = schema.to_table([s.row(version) for s in seqs])
+        if self.out_dir is not None:
+            schema.write_parquet(table, self.out_dir / f"step_{step:06d}.parquet")
+        return RolloutBatch(step, table, version, summarize(seqs, {}, time.perf_counter() - start))
+
+    def submit(self, step: int, version: int):
+        from switchkd.rollout.engines import InBackground
+
+        return InBackground(self.run, step, version)
+
+
+def train(cfg, resume: bool = False, progress: bool = True) -> dict:
+    """Run the closed loop for trainer.max_steps (or trainer.epochs over the prompts); returns a summary."""
+    from transformers import AutoTokenizer
+
+    from switchkd.rollout.engines import start_engines
+    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+
+    tc = cfg.trainer
+    if cfg.rollout.engine != "vllm":
+        raise ConfigError(f"rollout.engine={cfg.rollout.engine}: switchkd train rolls out on vLLM engines; "
+                          f"set rollout.engine=vllm")
+    latest = _checkpoint_to_resume(tc.output_dir, resume)
+    plan = plan_placement(cfg)
+    check_pair(cfg.model.teacher, cfg.model.student, "vllm", cfg.rollout.student.device)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.teacher)
+    prompts, skipped = load_prompts(cfg.data, tokenizer, cfg.rollout.seed)
+    if not prompts:
+        raise PromptError(f"data.prompts={cfg.data.prompts}: no usable prompts (skipped: {dict(skipped) or 'none'})")
+    total = tc.max_steps or tc.epochs * math.ceil(len(prompts) / tc.batch_size)
+    data_state = {"prompts": str(cfg.data.prompts), "num_prompts": len(prompts)}
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    backend = "nccl" if plan.trainer_device == "cuda" and cfg.rollout.student.device == "cuda" else "gloo"
+    with ExitStack() as stack:
+        stack.enter_context(ray_session(cfg.cluster, plan))
+        pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
+        if cfg.sync.transport == "shm":
+            _check_same_node(pg, plan)
+        engines = start_engines(cfg.model, cfg.rollout, placement={
+            key: plan.strategy_for(pg, role) for key, role in (("teacher", TEACHER), ("student", STUDENT))
+            if plan.has(role)})
+        for handle in engines:
+            stack.callback(_shutdown_quietly, handle)
+        trainer = stack.enter_context(Trainer(cfg, total, resume_from=latest, placement=(pg, plan.index(TRAINER))))
+        if latest is not None and {k: trainer.data_state.get(k) for k in data_state} != data_state:
+            raise TrainerError(f"--resume: the checkpoint was trained on {trainer.data_state}, not on {data_state}")
+        sync = stack.enter_context(WeightSync(cfg.sync, trainer, engines[1], backend, cfg.model.dtype,
+                                              probe_ids=prompts[0].token_ids))
+        if trainer.policy_version > sync.engine_version:  # resumed: the engine starts from the initial student
+            sync.push()
+        rollouts_dir = Path(tc.output_dir) / "rollouts" if cfg.loop.save_rollouts else None
+        source = RolloutSource(VLLMSwitchGenerator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
+                               tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir)
+        result = _loop(cfg, trainer, sync, source, total, data_state, progress)
+        return {**result, "skipped_prompts": dict(skipped), "prompts": len(prompts)}
+
+
+def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dict, progress: bool) -> dict:
+    tc, bound = cfg.trainer, cfg.loop.max_staleness
+    first = last = None
+    bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress)
+    batch = source.run(trainer.step, sync.engine_version) if trainer.step < total else None
+    while trainer.step < total:
+        step = trainer.step
+        if trainer.policy_version - batch.version > bound:
+            raise RuntimeError(f"step {step}: batch of version {batch.version} is older than loop.max_staleness="
+                               f"{bound} allows at trainer version {trainer.policy_version}")
+        ahead = source.submit(step + 1, sync.engine_version) if bound and step + 1 < total else None
+        last = trainer.train_step(batch.table, source=f"rollout of step {step}", log=False)
+        following = ahead.result() if ahead is not None else None   # the engine is idle before its sync
+        last.update(sync.push(), rollout_seconds=batch.summary.seconds,
+                    rollout_tokens_per_s=batch.summary.tokens / max(batch.summary.seconds, 1e-9),
+                    rollout_teacher_fraction=batch.summary.teacher_fraction)
+        trainer.log_metrics(last)
+        first = first or last
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", teacher=f"{batch.summary.teacher_fraction:.2f}",
+                        v=last["policy_version"])
+        if (tc.save_every and trainer.step % tc.save_every == 0) or trainer.step == total:
+            trainer.save_checkpoint({**data_state, "next_step": trainer.step})
+        if trainer.step < total:
+            batch = following or source.run(trainer.step, sync.engine_version)
+    bar.close()
+    out = {"steps": trainer.step, "policy_version": trainer.policy_version,
+           "first_loss": first and first["loss"], "last_loss": last and last["loss"],
+           "checkpoint": str(checkpoint.latest_checkpoint(tc.output_dir))}
+    if cfg.loop.export:
+        export_dir = Path(tc.output_dir) / "export"
+        if export_dir.exists():
+            import shutil
+
+            shutil.rmtree(export_dir)  # the previous export of this run (before a --resume)
+        out["export"] = str(trainer.export(export_dir))
+    return out
+
+
+def _checkpoint_to_resume(output_dir: str, resume: bool) -> Path | None:
+    latest = checkpoint.latest_checkpoint(output_dir)
+    if resume and latest is None:
+        raise TrainerError(f"--resume: no complete checkpoint under {checkpoint.checkpoints_dir(output_dir)}")
+    if not resume and latest is not None:
+        raise TrainerError(f"trainer.output_dir={output_dir} already holds checkpoints ({latest.name}); "
+                           f"pass --resume to continue, or choose a new trainer.output_dir")
+    return latest
+
+
+def _check_same_node(pg, plan) -> None:
+    nodes = bundle_nodes(pg)
+    student, rank0 = nodes[plan.index(STUDENT)], nodes[plan.index(TRAINER)]
+    if student != rank0:
+        raise ClusterError(f"sync.transport=shm needs trainer rank 0 and the student engine on one node, but Ray "
+                           f"placed them on {rank0[:8]} and {student[:8]}; use sync.transport=collective or "
+                           f"cluster.placement_strategy=STRICT_PACK")
+
+
+def _shutdown_quietly(handle) -> None:
+    """Stop an engine during cleanup; a failure here is logged, never masks the run's own error."""
+    try:
+        handle.shutdown()
+    except Exception as e:  # noqa: BLE001 - cleanup of a possibly dead actor
+        log.warning("engine shutdown failed: %s", e)

@@ -1,0 +1,158 @@
+"""Where each role runs: one Ray placement group for the teacher engine, the student engine and
+the trainer workers, built from the config's resources (DESIGN.md 7).
+
+    plan = plan_placement(cfg)          # pure: no Ray, used by --dry-run too
+    print(plan.describe())
+    with ray_session(cfg.cluster, plan), placement_group_for(plan, cfg.cluster) as pg:
+        strategy = plan.strategy_for(pg, "student engine")
+
+Bundle i of the group hosts exactly one actor, with the resources it asks for. A teacher behind
+an OpenAI-compatible server is not placed (it runs wherever the server runs).
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEACHER, STUDENT, TRAINER = "teacher engine", "student engine", "trainer rank"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot host the plan, or cannot be reached; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    role: str            # TEACHER, STUDENT, or "trainer rank N"
+    resources: dict      # Ray resources, e.g. {"CPU": 1.0, "GPU": 2.0}
+    detail: str          # what runs there, for the plan printout
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    bundles: list[Bundle]
+    strategy: str
+    trainer_device: str
+    notes: list[str] = field(default_factory=list)
+
+    def index(self, role: str) -> int:
+        """Bundle index of ``role`` (the first trainer bundle for TRAINER)."""
+        for i, b in enumerate(self.bundles):
+            if b.role == role or (role == TRAINER and b.role.startswith(TRAINER)):
+                return i
+        raise KeyError(role)
+
+    def has(self, role: str) -> bool:
+        return any(b.role == role for b in self.bundles)
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles:
+            for k, v in b.resources.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def strategy_for(self, pg, role: str):
+        """Ray scheduling strategy that puts ``role``'s actor in its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=self.index(role))
+
+    def describe(self) -> str:
+        """The plan as the lines `switchkd train --dry-run` prints."""
+        lines = [f"placement group: {len(self.bundles)} bundles, strategy {self.strategy}"]
+        for i, b in enumerate(self.bundles):
+            res = ", ".join(f"{k} {v:g}" for k, v in b.resources.items())
+            lines.append(f"  bundle {i}: {b.role:<16} {{{res}}}  {b.detail}")
+        lines.append("  total: " + ", ".join(f"{k} {v:g}" for k, v in self.totals().items()))
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _resources(cpus: float, gpus: float) -> dict:
+    res = {"CPU": float(cpus)} if cpus > 0 else {}
+    if gpus > 0:
+        res["GPU"] = float(gpus)
+    return res or {"CPU": 0.001}  # Ray bundles cannot be empty
+
+
+def plan_placement(cfg) -> PlacementPlan:
+    """The bundles of ``cfg`` (a cluster.config.Config), in order: teacher, student, trainer ranks."""
+    from switchkd.trainer.ds_config import resolve_device
+
+    bundles, notes = [], []
+    r = cfg.rollout
+    for role, engine, path in ((TEACHER, r.teacher, cfg.model.teacher), (STUDENT, r.student, cfg.model.student)):
+        if role == TEACHER and engine.server.url is not None:
+            notes.append(f"the teacher runs behind a server ({engine.server.url}); it is not placed")
+            continue
+        bundles.append(Bundle(role, _resources(engine.num_cpus, engine.num_gpus),
+                              f"vLLM {engine.device}, TP={engine.tensor_parallel_size}, {path}"))
+    tc = cfg.trainer
+    device = resolve_device(tc, local=False)
+    for rank in range(tc.num_workers):
+        bundles.append(Bundle(f"{TRAINER} {rank}", _resources(tc.cpus_per_worker, 1 if device == "cuda" else 0),
+                              f"DeepSpeed ZeRO-{tc.zero_stage} on {device}, {tc.num_workers} worker(s)"))
+    if cfg.sync.transport == "shm":
+        notes.append("sync.transport=shm: trainer rank 0 and the student engine must share a node "
+                     "(checked once placed; use sync.transport=collective across nodes)")
+    for name, path in (("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)):
+        if not (Path(path) / "config.json").is_file():
+            notes.append(f"{name}={path}: no model there yet (prepare it before training)")
+    return PlacementPlan(bundles, cfg.cluster.placement_strategy, device, notes)
+
+
+@contextmanager
+def ray_session(cluster, plan: PlacementPlan):
+    """Ray for the run: join cluster.address (or the cluster a `ray job submit` runs in), else start
+    a private one bound to 127.0.0.1 with no dashboard, sized to at least what the plan needs.
+    A session this function started is shut down on exit, whatever the exit."""
+    import ray
+
+    if ray.is_initialized():  # the caller's session (tests, notebooks): theirs to stop
+        yield
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            need = plan.totals()
+            cpus = cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0)))
+            ray.init(num_cpus=cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True)
+    except ConnectionError as e:
+        raise ClusterError(f"cluster.address={address}: cannot connect to Ray ({e})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def placement_group_for(plan: PlacementPlan, cluster):
+    """Reserve the plan's bundles (ClusterError if Ray cannot within cluster.placement_timeout_s);
+    the group is removed on exit, which also frees every actor placed in it."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([b.resources for b in plan.bundles], strategy=plan.strategy)
+    try:
+        try:
+            ray.get(pg.ready(), timeout=cluster.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"Ray could not place {plan.totals()} ({len(plan.bundles)} bundles, {plan.strategy}) "
+                               f"within cluster.placement_timeout_s={cluster.placement_timeout_s:g} s; the cluster "
+                               f"has {ray.cluster_resources()}") from None
+        yield pg
+    finally:
+        remove_placement_group(pg)
+
+
+def bundle_nodes(pg) -> dict[int, str]:
+    """Node id of each bundle of a ready placement group."""
+    from ray.util import placement_group_table
+
+    return dict(placement_group_table(pg)["bundles_to_node_id"])
