@@ -68,6 +68,14 @@ class Config:
     loop: LoopConfig = field(default_factory=LoopConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self):
+        need = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        for role in ("teacher", "student"):
+            engine = getattr(self.rollout, role)
+            if engine.server.url is None and need > engine.max_model_len:
+                raise ValueError(f"rollout.{role}.max_model_len={engine.max_model_len}: must hold data.max_prompt_tokens "
+                                 f"+ rollout.max_new_tokens = {need}")
+
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read YAML at ``path`` (None = defaults), apply ``key.sub=value`` overrides, validate."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from switchkd.cluster.config import ConfigError
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
                                         plan_placement, ray_session)
-from switchkd.cluster.sync import WeightSync
+from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout import schema
 from switchkd.rollout.data import PromptError, load_prompts
 from switchkd.rollout.generate import RolloutSummary, summarize
@@ -112,11 +112,11 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
             if plan.has(role)})
         for handle in engines:
             stack.callback(_shutdown_quietly, handle)
+        root = stack.enter_context(sync_root(cfg.sync))
         trainer = stack.enter_context(Trainer(cfg, total, resume_from=latest, placement=(pg, plan.index(TRAINER))))
         if latest is not None and {k: trainer.data_state.get(k) for k in data_state} != data_state:
             raise TrainerError(f"--resume: the checkpoint was trained on {trainer.data_state}, not on {data_state}")
-        sync = stack.enter_context(WeightSync(cfg.sync, trainer, engines[1], backend, cfg.model.dtype,
-                                              probe_ids=prompts[0].token_ids))
+        sync = WeightSync(cfg.sync, trainer, engines[1], backend, cfg.model.dtype, prompts[0].token_ids, root)
         if trainer.policy_version > sync.engine_version:  # resumed: the engine starts from the initial student
             sync.push()
         rollouts_dir = Path(tc.output_dir) / "rollouts" if cfg.loop.save_rollouts else None

@@ -1,9 +1,10 @@
 """The driver's side of weight sync: move the trainer's current weights into the student engine,
 versioned, with a timeout on every wait and a bounded number of retries.
 
-    sync = WeightSync(cfg.sync, trainer, student_handle, backend="gloo", probe_ids=[...])
-    info = sync.push()       # engine now serves trainer.policy_version; {"sync_seconds", ...}
-    sync.close()
+    with sync_root(cfg.sync) as root:          # before the trainer: outlives its writers
+        ...start the trainer...
+        sync = WeightSync(cfg.sync, trainer, student_handle, backend="gloo", probe_ids=[...], root=root)
+        info = sync.push()   # engine now serves trainer.policy_version; {"sync_seconds", ...}
 
 Transports (switchkd.rollout.weight_sync): ``shm`` writes a version directory and tells the
 engine to load it; ``collective`` starts the engine's receive, then has trainer rank 0 broadcast.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +33,12 @@ CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
 
 class WeightSync:
     def __init__(self, cfg, trainer, engine, backend: str, dtype: str = "float32",
-                 probe_ids: list[int] | None = None):
+                 probe_ids: list[int] | None = None, root: Path | None = None):
+        """``root``: the shm directory (from ``sync_root``); unused by the collective transport."""
         self.cfg, self.trainer, self.engine, self.backend, self.dtype = cfg, trainer, engine, backend, dtype
-        self.probe_ids = probe_ids
+        self.probe_ids, self.root = probe_ids, root
         self.engine_version = int(engine.call("version"))
-        self.root, self._own_root = None, False
-        if cfg.transport == "shm":
-            self._own_root = cfg.dir is None
-            self.root = default_root() if cfg.dir is None else Path(cfg.dir)
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        else:
+        if cfg.transport == "collective":
             self._join()
 
     def _join(self) -> None:
@@ -97,14 +95,23 @@ class WeightSync:
                                   f"{self.engine_version} (total variation {tv:.2e} > {CHECK_TOLERANCE[self.dtype]:g})")
         return tv
 
-    def close(self) -> None:
-        """Remove the shm directory this sync created."""
-        if self._own_root and self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
+@contextmanager
+def sync_root(cfg):
+    """The shm transport's directory for one run (sync.dir, or a private one on /dev/shm), removed
+    on exit if this run created it. Enter it before the trainer, so that it outlives the workers
+    that write into it."""
+    if cfg.transport != "shm":
+        yield None
+        return
+    root = default_root() if cfg.dir is None else Path(cfg.dir)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightSyncError(f"sync.dir={cfg.dir}: cannot create the weight-sync directory ({e.strerror})") from None
+    try:
+        yield root
+    finally:
+        if cfg.dir is None:
+            shutil.rmtree(root, ignore_errors=True)

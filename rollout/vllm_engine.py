@@ -194,7 +194,10 @@ class VLLMEngine:
             self.llm.collective_rpc("switchkd_load_weights_file",
                                     args=(ticket["path"], version, self.weight_version))
         elif transport == "collective":
-            self.llm.collective_rpc("switchkd_receive_weights", args=(self.weight_version,))
+            received = self.llm.collective_rpc("switchkd_receive_weights", args=(self.weight_version,))
+            if any(v != version for v in received):
+                raise WeightSyncError(f"collective weight sync: workers received versions {received}, "
+                                      f"the ticket says {version}")
         else:
             raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
         self.reset_prefix_cache()

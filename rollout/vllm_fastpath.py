@@ -646,7 +646,7 @@ class WeightSyncExtension:
         from switchkd.rollout.weight_sync_shm import read_weights
 
         check_newer(version, current_version)
-        self.reload_weights(weights_iterator=iter(read_weights(path, version)))
+        self._switchkd_reload(read_weights(path, version))
         return version
 
     def switchkd_init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> int:
@@ -667,8 +667,19 @@ class WeightSyncExtension:
         group, timeout_s = self.switchkd_sync_group
         version, weights = receive_weights(group, self.device, timeout_s)
         check_newer(version, current_version)
-        self.reload_weights(weights_iterator=iter(weights))
+        self._switchkd_reload(weights)
         return version
+
+    def _switchkd_reload(self, weights) -> None:
+        """``reload_weights`` in place, then re-pack a tied output layer: the loader skips
+        ``lm_head.weight`` when it is tied to the embedding, so the CPU kernel's packed copy of it
+        (``dispatch_cpu_unquantized_gemm``) would keep serving the old weights."""
+        self.reload_weights(weights_iterator=iter(weights))
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        if tied and lm_head is not None and hasattr(lm_head, "quant_method"):
+            lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
 WORKER_EXTENSION_FQCN = f"{__name__}.WeightSyncExtension"  # vLLM resolves "<module>.<type>"

@@ -48,7 +48,7 @@ def write_weights(root: str | Path, version: int, state: dict[str, torch.Tensor]
     from safetensors.torch import save_file
 
     root = Path(root)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, exist_ok=True)  # not its parents: a run's removed sync dir stays removed
     final = version_dir(root, version)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:

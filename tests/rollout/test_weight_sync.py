@@ -135,6 +135,28 @@ def test_collective_sync_loads_new_weights_and_refuses_stale(engine, student):
     _assert_serves(engine, student, state)
 
 
+def test_sync_into_a_tied_embedding_model_updates_its_output_layer(tiny_models, tmp_path):
+    """The loader skips a tied lm_head; its CPU kernel's packed copy must still be rebuilt."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from switchkd.cluster.config import load_config
+
+    config = AutoConfig.from_pretrained(tiny_models["student"])
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = AutoModelForCausalLM.from_config(config).eval()
+    tied.save_pretrained(tmp_path / "tied")
+    cfg = load_config(None, [f"model.student={tmp_path / 'tied'}"])
+    eng = StudentEngine(**engine_kwargs(str(tmp_path / "tied"), cfg.model, cfg.rollout.student, 0))
+    try:
+        state = {n: p.detach() + 0.05 * torch.randn(p.shape) for n, p in tied.named_parameters()}
+        assert "lm_head.weight" not in state  # tied: only the embedding travels
+        eng.update_weights(SyncTicket(1, "shm", str(write_weights(tmp_path / "sync", 1, state))).to_dict())
+        _assert_serves(eng, tied, state)
+    finally:
+        eng.shutdown()
+
+
 def test_collective_roundtrip_mixed_dtypes_and_buckets():
     host, port = "127.0.0.1", free_port()
     state = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(300).bfloat16(),

@@ -1,0 +1,234 @@
+"""The closed loop: ordering and staleness with fakes (fast), then `switchkd train` end to end on
+the tiny pair with both transports and both staleness settings, cleanup on error and Ctrl-C,
+and --dry-run of every shipped config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from switchkd.cluster.config import load_config
+from switchkd.cluster.driver import RolloutBatch, _loop
+from switchkd.rollout.generate import summarize
+
+REPO = Path(__file__).resolve().parents[2]
+SWITCHKD = [sys.executable, "-m", "switchkd.cluster.cli"]
+
+
+# --- the loop with fakes: who runs when, which version each batch has -----------------------------
+
+class _Events:
+    def __init__(self):
+        self.lock, self.log, self.rollouts_running = threading.Lock(), [], 0
+
+
+class _FakeTrainer:
+    def __init__(self, events):
+        self.events, self.step, self.policy_version, self.logged = events, 0, 0, []
+
+    def train_step(self, table, source, log):
+        staleness = self.policy_version - table.column("v")[0].as_py()
+        self.step += 1
+        self.policy_version += 1
+        return {"loss": 1.0, "policy_version": self.policy_version, "staleness": staleness}
+
+    def log_metrics(self, metrics):
+        self.logged.append(metrics)
+
+    def save_checkpoint(self, data_state):
+        pass
+
+
+class _FakeSync:
+    def __init__(self, events, trainer):
+        self.events, self.trainer, self.engine_version = events, trainer, 0
+
+    def push(self):
+        with self.events.lock:
+            assert self.events.rollouts_running == 0, "weights changed under a running rollout"
+            self.events.log.append(("sync", self.trainer.policy_version))
+        self.engine_version = self.trainer.policy_version
+        return {"engine_version": self.engine_version}
+
+
+class _FakeSource:
+    def __init__(self, events, version_override=None):
+        self.events, self.version_override = events, version_override
+
+    def run(self, step, version):
+        with self.events.lock:
+            self.events.rollouts_running += 1
+            self.events.log.append(("rollout", step, version))
+        time.sleep(0.05)
+        with self.events.lock:
+            self.events.rollouts_running -= 1
+        version = self.version_override(step, version) if self.version_override else version
+        return RolloutBatch(step, pa.table({"v": [version]}), version, summarize([], {}, 0.05))
+
+    def submit(self, step, version):
+        from switchkd.rollout.engines import InBackground
+
+        return InBackground(self.run, step, version)
+
+
+def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None):
+    cfg = load_config(None, [f"loop.max_staleness={staleness}", "loop.export=false",
+                             f"trainer.output_dir={tmp_path}", f"trainer.max_steps={steps}"])
+    events = _Events()
+    trainer = _FakeTrainer(events)
+    _loop(cfg, trainer, _FakeSync(events, trainer), _FakeSource(events, version_override), steps, {}, False)
+    return events.log, trainer.logged
+
+
+def test_strictly_on_policy_rolls_out_each_batch_with_the_latest_weights(tmp_path):
+    log, metrics = _run_fake_loop(tmp_path, staleness=0)
+    rollouts = [e for e in log if e[0] == "rollout"]
+    assert rollouts == [("rollout", s, s) for s in range(5)]          # batch n made by version n
+    assert [m["staleness"] for m in metrics] == [0] * 5
+    assert [m["engine_version"] for m in metrics] == [1, 2, 3, 4, 5]
+    # rollout n+1 only after the sync of version n+1
+    assert log.index(("rollout", 1, 1)) > log.index(("sync", 1))
+
+
+def test_staleness_one_overlaps_the_next_rollout_with_training(tmp_path):
+    log, metrics = _run_fake_loop(tmp_path, staleness=1)
+    rollouts = [e for e in log if e[0] == "rollout"]
+    assert rollouts == [("rollout", 0, 0), ("rollout", 1, 0), ("rollout", 2, 1), ("rollout", 3, 2), ("rollout", 4, 3)]
+    assert [m["staleness"] for m in metrics] == [0, 1, 1, 1, 1]
+    # batch n+1 was started before the sync that followed step n
+    assert log.index(("rollout", 1, 0)) < log.index(("sync", 1))
+
+
+def test_a_batch_staler_than_the_bound_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="older than loop.max_staleness=0"):
+        _run_fake_loop(tmp_path, staleness=0, version_override=lambda step, v: max(0, v - 1))
+
+
+# --- switchkd train end to end ----------------------------------------------------------------------
+
+def _ray_processes() -> int:
+    return len(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _config(tiny_models, tmp_path, *overrides) -> list[str]:
+    return ["--config", str(REPO / "configs" / "tiny.yaml"), f"model.teacher={tiny_models['teacher']}",
+            f"model.student={tiny_models['student']}", f"data.prompts={REPO / 'configs/prompts/tiny.jsonl'}",
+            "data.max_prompts=24", "rollout.max_new_tokens=16", "trainer.batch_size=4", "trainer.micro_batch_size=2",
+            "trainer.lr=0.003", "trainer.tensorboard=false", f"trainer.output_dir={tmp_path / 'run'}", *overrides]
+
+
+def _train(args, timeout=600, **kw):
+    return subprocess.run([*SWITCHKD, "train", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def clean_machine():
+    """Asserts a test leaves no Ray processes and no new /dev/shm entries behind."""
+    ray_before, shm_before = _ray_processes(), _shm_entries()
+    yield
+    deadline = time.time() + 30
+    while _ray_processes() > ray_before and time.time() < deadline:
+        time.sleep(1)
+    assert _ray_processes() <= ray_before, "Ray processes left behind"
+    assert _shm_entries() - shm_before == set(), f"/dev/shm leftovers: {_shm_entries() - shm_before}"
+
+
+@pytest.mark.parametrize("transport,staleness", [("shm", 1), ("collective", 0)])
+def test_train_runs_the_closed_loop(tiny_models, tmp_path, clean_machine, transport, staleness):
+    res = _train(_config(tiny_models, tmp_path, "trainer.max_steps=3", f"sync.transport={transport}",
+                         f"loop.max_staleness={staleness}", "sync.check_equal=true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained to step 3 (policy version 3)" in res.stdout
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["policy_version"] for m in metrics] == [1, 2, 3]
+    assert [m["engine_version"] for m in metrics] == [1, 2, 3]          # every sync landed
+    assert all(m["sync_max_tv"] < 1e-3 for m in metrics)               # engine == trainer after each sync
+    expected = [0, 1, 1] if staleness else [0, 0, 0]
+    assert [m["staleness"] for m in metrics] == expected
+    assert [m["batch_policy_version"] for m in metrics] == ([0, 0, 1] if staleness else [0, 1, 2])
+    from switchkd.rollout.schema import read_rollouts
+
+    versions = [read_rollouts(run / "rollouts" / f"step_{s:06d}.parquet").column("policy_version").to_pylist()
+                for s in range(3)]
+    assert [set(v) for v in versions] == [{b} for b in [m["batch_policy_version"] for m in metrics]]
+    assert (run / "checkpoints" / "step_3" / "trainer_state.json").is_file()
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def _start_and_wait_for_first_step(tiny_models, tmp_path, *overrides):
+    proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50", *overrides)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    return proc
+
+
+def test_a_run_whose_engine_dies_midway_fails_and_cleans_up(tiny_models, tmp_path, clean_machine):
+    proc = _start_and_wait_for_first_step(tiny_models, tmp_path)
+    pids = subprocess.run(["pgrep", "-f", "ray::StudentEngine"], capture_output=True, text=True).stdout.split()
+    assert pids, "no student engine actor process found"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode not in (0, 130), err[-3000:]
+    assert "StudentEngine" in err
+
+
+def test_a_bad_sync_dir_is_one_line_and_cleans_up(tiny_models, tmp_path, clean_machine):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = _train(_config(tiny_models, tmp_path, "trainer.max_steps=2", f"sync.dir={blocker}/sync"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"switchkd: error: sync.dir={blocker}/sync: cannot create")
+
+
+def test_model_len_must_hold_prompt_and_response(tiny_models, tmp_path):
+    res = _train(_config(tiny_models, tmp_path, "rollout.student.max_model_len=16"))
+    assert res.returncode == 2
+    assert "rollout.student.max_model_len=16: must hold data.max_prompt_tokens + rollout.max_new_tokens" in res.stderr
+
+
+def test_ctrl_c_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machine):
+    proc = _start_and_wait_for_first_step(tiny_models, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+
+
+def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_1").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json").write_text("{}")
+    res = _train(_config(tiny_models, tmp_path))
+    assert res.returncode == 2 and "pass --resume" in res.stderr
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_dry_run_validates_every_shipped_config(config):
+    res = _train(["--config", str(REPO / "configs" / config), "--dry-run"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"configs/{config}: valid" in res.stdout and "placement group:" in res.stdout
+    assert "trainer rank 0" in res.stdout
+
+
+def test_dry_run_rejects_contradictory_resources():
+    res = _train(["--config", str(REPO / "configs" / "multi-gpu.yaml"), "--dry-run",
+                  "rollout.teacher.num_gpus=1"], timeout=120)
+    assert res.returncode == 2
+    assert "rollout.teacher.num_gpus=1: a cuda engine with tensor_parallel_size=2 needs at least that many GPUs" in res.stderr
