@@ -30,7 +30,7 @@ models/tiny/teacher/config.json: | $(STAMP)
 tiny-models: models/tiny/teacher/config.json
 
 run: install tiny-models
-	$(VENV)/bin/switchkd generate --config configs/tiny.yaml --output runs/tiny/rollouts.parquet rollout.engine=vllm
+	$(VENV)/bin/switchkd train --config configs/tiny.yaml trainer.output_dir=runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
