@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class ClusterConfig:
     num_gpus: Optional[int] = bounded(None, lo=0)  # private Ray: GPUs (None: detected)
     placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)
     placement_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)
+    engine_max_restarts: int = bounded(3, lo=0)     # an engine actor that dies is restarted this often
 
 
 @dataclass(frozen=True)
@@ -85,16 +88,26 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: the key has an empty part")
+        try:
+            parsed = _parse_scalar(value)
+        except RecursionError:
+            raise ConfigError(f"override {key.strip()}: value nested too deeply") from None
+        _set_dotted(raw, key.strip(), parsed)
     return build(Config, raw, prefix="")
 
 
@@ -116,7 +129,7 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
 def build(cls, raw, prefix: str):
     """Instantiate dataclass ``cls`` from nested dict ``raw``, checking keys, types and bounds."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {_short(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -125,7 +138,7 @@ def build(cls, raw, prefix: str):
         if key not in fields:
             guess = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.6)
             hint = f"; did you mean {guess[0]}?" if guess else f"; valid keys here: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key {path}{hint}")
+            raise ConfigError(f"unknown config key {path if path.isprintable() and len(path) <= 200 else _short(path)}{hint}")
         sub = _dataclass_type(hints[key])
         kwargs[key] = build(sub, value, path + ".") if sub else _check_value(path, value, hints[key], fields[key].metadata)
     try:
@@ -148,15 +161,28 @@ def _check_value(path: str, value, annotation, meta):
         except ValueError:
             pass
     if not isinstance(value, allowed_types) or (isinstance(value, bool) and bool not in allowed_types):
-        raise ConfigError(f"{path}={value!r}: expected {_type_names(allowed_types)}, got {type(value).__name__}")
+        raise ConfigError(f"{path}={_short(value)}: expected {_type_names(allowed_types)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r}: must be a finite number")
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{path}={value!r}: must not be empty")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{path}={value!r}: allowed values are {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(f"{path}={_short(value)}: allowed values are {', '.join(map(str, meta['choices']))}")
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         raise ConfigError(f"{path}={value!r}: must be {'>' if meta.get('lo_open') else '>='} {lo}")
     if hi is not None and value > hi:
         raise ConfigError(f"{path}={value!r}: must be <= {hi}")
     return value
+
+
+def _short(value) -> str:
+    """repr of a bad value for a one-line error: bounded, however large or deep the value."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 80, 80, 3
 
 
 def _scalar_types(annotation) -> tuple[tuple, bool]:

@@ -30,7 +30,8 @@ from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError,
 from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout import schema
 from switchkd.rollout.data import PromptError, load_prompts
-from switchkd.rollout.generate import RolloutSummary, summarize
+from switchkd.rollout.engines import ENGINE_DIED
+from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
 from switchkd.rollout.models import check_pair
 from switchkd.rollout.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
@@ -42,6 +43,10 @@ from switchkd.trainer.offline import batch_rows
 log = logging.getLogger(__name__)
 
 
+class EngineRestarted(RuntimeError):
+    """An engine actor came back from a restart (with its initial weights) during a rollout."""
+
+
 @dataclass
 class RolloutBatch:
     step: int
@@ -51,13 +56,22 @@ class RolloutBatch:
 
 
 class RolloutSource:
-    """The prompts of each step, rolled out on the engines into schema tables."""
+    """The prompts of each step, rolled out on the engines into schema tables.
+
+    If an engine actor dies mid-rollout, Ray restarts it; ``recover`` waits for it, re-syncs the
+    current weights and returns the version the student now serves, and the step's whole batch is
+    rolled out again (same prompts and seeds). A batch is written and trained only once complete,
+    so every prompt appears in the training data exactly once. The student's version is checked
+    before and after each rollout: an actor that died between two calls and came back with its
+    initial weights would otherwise answer the rest of the batch silently."""
 
     def __init__(self, generator, prompts: list[Prompt], batch_size: int, data_seed: int, run_seed: int,
-                 out_dir: Path | None):
+                 out_dir: Path | None, student_version=None, recover=None, max_restarts: int = 0):
         self.generator, self.prompts, self.batch_size = generator, prompts, batch_size
         self.data_seed, self.run_seed, self.out_dir = data_seed, run_seed, out_dir
+        self.student_version, self.recover, self.max_restarts = student_version, recover, max_restarts
         self.per_epoch = math.ceil(len(prompts) / batch_size)
+        self.engine_restarts = 0
 
     def prompts_for(self, step: int) -> list[Prompt]:
         """Step ``step``'s prompts; sampling seeds differ per epoch (epoch 0: as `switchkd generate`)."""
@@ -67,8 +81,26 @@ class RolloutSource:
                 for i in batch_rows(len(self.prompts), self.batch_size, self.data_seed, step)]
 
     def run(self, step: int, version: int) -> RolloutBatch:
+        while True:
+            try:
+                return self._run_once(step, version)
+            except (*ENGINE_DIED, EngineRestarted) as e:
+                if self.recover is None or self.engine_restarts >= self.max_restarts:
+                    raise
+                self.engine_restarts += 1
+                log.warning("an engine died during the rollout of step %d (%s); restart %d of %d, rolling the "
+                            "batch out again", step, str(e).splitlines()[0], self.engine_restarts, self.max_restarts)
+                version = self.recover()
+
+    def _check_student(self, version: int) -> None:
+        if self.student_version is not None and (served := self.student_version()) != version:
+            raise EngineRestarted(f"the student engine serves version {served}, expected {version}")
+
+    def _run_once(self, step: int, version: int) -> RolloutBatch:
         start = time.perf_counter()
+        self._check_student(version)
         seqs = self.generator.generate(self.prompts_for(step))
+        self._check_student(version)
         table = schema.to_table([s.row(version) for s in seqs])
         if self.out_dir is not None:
             schema.write_parquet(table, self.out_dir / f"step_{step:06d}.parquet")
@@ -85,7 +117,6 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from switchkd.rollout.engines import start_engines
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
 
     tc = cfg.trainer
     if cfg.rollout.engine != "vllm":
@@ -109,7 +140,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
             _check_same_node(pg, plan)
         engines = start_engines(cfg.model, cfg.rollout, placement={
             key: plan.strategy_for(pg, role) for key, role in (("teacher", TEACHER), ("student", STUDENT))
-            if plan.has(role)})
+            if plan.has(role)}, max_restarts=cfg.cluster.engine_max_restarts)
         for handle in engines:
             stack.callback(_shutdown_quietly, handle)
         root = stack.enter_context(sync_root(cfg.sync))
@@ -120,8 +151,11 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         if trainer.policy_version > sync.engine_version:  # resumed: the engine starts from the initial student
             sync.push()
         rollouts_dir = Path(tc.output_dir) / "rollouts" if cfg.loop.save_rollouts else None
-        source = RolloutSource(VLLMSwitchGenerator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
-                               tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir)
+        source = RolloutSource(build_generator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
+                               tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir,
+                               student_version=lambda: engines[1].call("version"),
+                               recover=lambda: _recover_engines(engines, sync, cfg.sync.timeout_s),
+                               max_restarts=cfg.cluster.engine_max_restarts)
         result = _loop(cfg, trainer, sync, source, total, data_state, progress)
         return {**result, "skipped_prompts": dict(skipped), "prompts": len(prompts)}
 
@@ -141,7 +175,7 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
         following = ahead.result() if ahead is not None else None   # the engine is idle before its sync
         last.update(sync.push(), rollout_seconds=batch.summary.seconds,
                     rollout_tokens_per_s=batch.summary.tokens / max(batch.summary.seconds, 1e-9),
-                    rollout_teacher_fraction=batch.summary.teacher_fraction)
+                    rollout_teacher_fraction=batch.summary.teacher_fraction, engine_restarts=source.engine_restarts)
         trainer.log_metrics(last)
         first = first or last
         bar.update(1)
@@ -163,6 +197,17 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
             shutil.rmtree(export_dir)  # the previous export of this run (before a --resume)
         out["export"] = str(trainer.export(export_dir))
     return out
+
+
+def _recover_engines(engines, sync, timeout_s: float) -> int:
+    """After an engine died: wait for the restarted actors, put the trainer's current weights back
+    into the student engine (a restarted one serves its initial weights) and return its version."""
+    for handle in engines:
+        if handle.actor is not None:
+            handle.wait_until_ready(timeout_s)
+    sync.reconnect()
+    sync.push()
+    return sync.engine_version
 
 
 def _checkpoint_to_resume(output_dir: str, resume: bool) -> Path | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from switchkd.rollout.engines import ENGINE_DIED
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
 from switchkd.rollout.weight_sync_shm import default_root, prune
 
@@ -51,19 +52,22 @@ class WeightSync:
         pending.result(self.cfg.timeout_s)
 
     def push(self) -> dict:
-        """Sync the trainer's current weights (version trainer.policy_version) into the engine."""
+        """Sync the trainer's current weights (version trainer.policy_version) into the engine;
+        nothing to do when the engine already serves them."""
         version = self.trainer.policy_version
+        if version == self.engine_version:
+            return {"sync_seconds": 0.0, "sync_attempts": 0, "engine_version": version}
         error = None
         for attempt in range(1, self.cfg.retries + 2):
             start = time.perf_counter()
             try:
                 self._send(version)
-            except (WeightSyncError, TimeoutError) as e:
+            except (WeightSyncError, TimeoutError, *ENGINE_DIED) as e:
                 error = e
                 log.warning("weight sync of version %d failed (attempt %d of %d): %s",
                             version, attempt, self.cfg.retries + 1, e)
-                if self.cfg.transport == "collective" and attempt <= self.cfg.retries:
-                    self._join()
+                if attempt <= self.cfg.retries:
+                    self.reconnect()
                 continue
             self.engine_version = version
             info = {"sync_seconds": time.perf_counter() - start, "sync_attempts": attempt, "engine_version": version}
@@ -72,6 +76,15 @@ class WeightSync:
             return info
         raise WeightSyncError(f"weight sync of version {version} failed after {self.cfg.retries + 1} attempts "
                               f"(sync.retries={self.cfg.retries}): {error}")
+
+    def reconnect(self) -> None:
+        """After a failure: wait for the engine (a restarted actor reloads its model), learn the
+        version it serves now, and rebuild the collective group (a broken or restarted peer
+        leaves the old one unusable)."""
+        self.engine.wait_until_ready(self.cfg.timeout_s)
+        self.engine_version = int(self.engine.call("version"))
+        if self.cfg.transport == "collective":
+            self._join()
 
     def _send(self, version: int) -> None:
         if self.cfg.transport == "shm":

@@ -8,11 +8,17 @@ actors, so with Ray the two engines work in parallel within a round.
 from __future__ import annotations
 
 import threading
+import time
+
+from ray.exceptions import RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.vllm_engine import VLLMEngine
 
 ACTOR_CALL_TIMEOUT_S = 3600.0
+
+# What a call to a dead (or restarting) engine actor raises.
+ENGINE_DIED = (RayActorError,)
 
 
 class TeacherEngine(VLLMEngine):
@@ -112,6 +118,18 @@ class EngineHandle:
             return self.submit(method, *args).result(timeout)
         return getattr(self.engine, method)(*args)
 
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Block until the engine answers (after an actor restart it first reloads its model)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.call("version", timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ENGINE_DIED as e:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"engine did not come back within {timeout_s:.0f} s: {e}") from None
+                time.sleep(1.0)
+
     def step_async(self, decode: dict | None, score: dict | None):
         """Drafting for some sequences and scoring others' drafts in one engine call."""
         if self.actor is not None or hasattr(self.engine, "step"):
@@ -141,10 +159,11 @@ def engine_kwargs(path: str, model: ModelConfig, engine: EngineConfig, seed: int
     )
 
 
-def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | None = None
-                  ) -> tuple[EngineHandle, EngineHandle]:
+def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | None = None,
+                  max_restarts: int = 0) -> tuple[EngineHandle, EngineHandle]:
     """Start the teacher and student engines as configured: in-process, or Ray actors (with
-    ``placement``, {"teacher"/"student": Ray scheduling strategy}, they always are actors)."""
+    ``placement``, {"teacher"/"student": Ray scheduling strategy}, they always are actors, and
+    Ray restarts a dead one up to ``max_restarts`` times, with its constructor arguments)."""
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
     handles = []
     for cls, path, engine in specs:
@@ -156,20 +175,21 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
         kwargs = engine_kwargs(path, model, engine, rollout.seed)
         if rollout.use_ray or placement is not None:
             strategy = (placement or {}).get("teacher" if cls is TeacherEngine else "student")
-            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs, strategy)))
+            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs, strategy, max_restarts)))
         else:
             handles.append(EngineHandle(engine=cls(**kwargs)))
     return handles[0], handles[1]
 
 
-def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=None):
+def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=None, max_restarts: int = 0):
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
-    options = {"runtime_env": {"env_vars": env}}
+    # In-flight calls of a dead actor fail (max_task_retries=0): the caller decides what to redo.
+    options = {"runtime_env": {"env_vars": env}, "max_restarts": max_restarts, "max_task_retries": 0}
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
     return actor_cls.options(**options).remote(**kwargs)
