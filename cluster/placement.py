@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from switchkd.rollout.local_ray import init_local_ray
+
 TEACHER, STUDENT, TRAINER = "teacher engine", "student engine", "trainer rank"
 
 
@@ -101,7 +103,15 @@ def plan_placement(cfg) -> PlacementPlan:
     for name, path in (("model.teacher", cfg.model.teacher), ("model.student", cfg.model.student)):
         if not (Path(path) / "config.json").is_file():
             notes.append(f"{name}={path}: no model there yet (prepare it before training)")
-    return PlacementPlan(bundles, cfg.cluster.placement_strategy, device, notes)
+    plan = PlacementPlan(bundles, cfg.cluster.placement_strategy, device, notes)
+    if cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray of the configured size
+        need = plan.totals()
+        for key, res in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            have = getattr(cfg.cluster, key)
+            if have is not None and need.get(res, 0.0) > have:
+                raise ClusterError(f"cluster.{key}={have}: the private Ray would be too small, the plan needs "
+                                   f"{res} {need[res]:g} (engines + trainer workers); raise it or leave it null")
+    return plan
 
 
 @contextmanager
@@ -121,8 +131,7 @@ def ray_session(cluster, plan: PlacementPlan):
         else:
             need = plan.totals()
             cpus = cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0)))
-            ray.init(num_cpus=cpus, num_gpus=cluster.num_gpus, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=True)
+            init_local_ray(num_cpus=cpus, num_gpus=cluster.num_gpus, log_to_driver=True)
     except ConnectionError as e:
         raise ClusterError(f"cluster.address={address}: cannot connect to Ray ({e})") from None
     try:

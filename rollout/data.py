@@ -75,11 +75,13 @@ def _jsonl_rows(path: Path):
     with f:
         for index, raw in enumerate(f):
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8-sig" if index == 0 else "utf-8"))  # a leading BOM is no error
             except UnicodeDecodeError:
                 yield index, None, "not UTF-8"
             except json.JSONDecodeError:
                 yield index, None, "blank line" if not raw.strip() else "not JSON"
+            except RecursionError:
+                yield index, None, "JSON nested too deeply"
             else:
                 yield (index, row, None) if isinstance(row, dict) else (index, None, "not a JSON object")
 
@@ -90,12 +92,11 @@ def _parquet_rows(path: Path):
 
     try:
         source = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise PromptError(f"data.prompts={path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    except (pa.ArrowException, OSError) as e:
+        raise PromptError(f"data.prompts={path}: not a readable Parquet file ({_first_line(e)})") from None
     _check_columns(path, source.schema_arrow.names)
     rows = (row for batch in source.iter_batches(batch_size=_BATCH_ROWS) for row in batch.to_pylist())
-    for index, row in enumerate(rows):
-        yield index, row, None
+    yield from _numbered(path, rows, "Parquet file")
 
 
 def _dataset_rows(path: Path):
@@ -106,14 +107,34 @@ def _dataset_rows(path: Path):
     except FileNotFoundError:
         raise PromptError(f"data.prompts={path}: a directory, but not a Hugging Face datasets directory "
                           "(expected the output of Dataset.save_to_disk)") from None
+    except Exception as e:  # datasets raises whatever its JSON / Arrow readers raise on damaged files
+        raise PromptError(f"data.prompts={path}: not a readable Hugging Face datasets directory "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         names = ", ".join(dataset)
         raise PromptError(f"data.prompts={path}: a DatasetDict with splits {names}; point data.prompts at one "
                           f"of them (e.g. {path / next(iter(dataset))})")
     _check_columns(path, dataset.column_names)
     rows = (dict(zip(batch, values)) for batch in dataset.iter(batch_size=_BATCH_ROWS) for values in zip(*batch.values()))
-    for index, row in enumerate(rows):
-        yield index, row, None
+    yield from _numbered(path, rows, "Hugging Face datasets directory")
+
+
+def _numbered(path: Path, rows, what: str):
+    """(index, row, None) per row; a source that breaks while being read (damaged data pages) is a
+    PromptError naming the row, not a traceback."""
+    import pyarrow as pa
+
+    index = 0
+    try:
+        for row in rows:
+            yield index, row, None
+            index += 1
+    except (pa.ArrowException, OSError) as e:
+        raise PromptError(f"data.prompts={path}: not a readable {what} (after {index} rows: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _check_columns(path: Path, columns: list[str]) -> None:
@@ -129,6 +150,7 @@ def parse_row(row: dict) -> tuple[str, str | None]:
         context = row.get("context")
         if context is not None and not isinstance(context, str):
             raise _BadRow("'context' is not a string")
+        _check_unicode(context, "context")
         if context and context.strip():
             text = text + DOLLY_SEPARATOR + context
     else:
@@ -139,6 +161,7 @@ def parse_row(row: dict) -> tuple[str, str | None]:
             raise _BadRow("'response' is not a string")
         if not response.strip():
             raise _BadRow("empty 'response'")
+        _check_unicode(response, "response")
     return text, response
 
 
@@ -150,7 +173,17 @@ def _text(row: dict, key: str) -> str:
         raise _BadRow(f"'{key}' is not a string")
     if not value.strip():
         raise _BadRow(f"empty '{key}'")
+    _check_unicode(value, key)
     return value
+
+
+def _check_unicode(value: str | None, key: str) -> None:
+    """JSON escapes can carry lone surrogates (\\ud800), which no tokenizer or hash can encode."""
+    if value is not None and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadRow(f"'{key}' is not valid Unicode (lone surrogate)") from None
 
 
 # ---------------------------------------------------------------- split, template, tokens

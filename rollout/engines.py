@@ -13,6 +13,7 @@ import time
 from ray.exceptions import RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
+from switchkd.rollout.local_ray import init_local_ray
 from switchkd.rollout.vllm_engine import VLLMEngine
 
 ACTOR_CALL_TIMEOUT_S = 3600.0
@@ -185,7 +186,7 @@ def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=No
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        init_local_ray(log_to_driver=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
     # In-flight calls of a dead actor fail (max_task_retries=0): the caller decides what to redo.

@@ -158,7 +158,7 @@ def build_layer_subset_dir(teacher_dir: str | Path, layers: Sequence[int], out_d
     from transformers import AutoModelForCausalLM
 
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype="auto", use_safetensors=True)  # never a pickle
     layers = check_layers(layers, teacher.config.num_hidden_layers)
     student = layer_subset_model(teacher, layers)
     del teacher

@@ -71,7 +71,7 @@ def _plain(value):
 
 def validate(table: pa.Table, source: str, vocab_size: int | None = None) -> None:
     """Raise SchemaError naming ``source`` and the row when ``table`` breaks the schema."""
-    version = (table.schema.metadata or {}).get(_VERSION_KEY, b"<missing>").decode()
+    version = (table.schema.metadata or {}).get(_VERSION_KEY, b"<missing>").decode("utf-8", "replace")[:40]
     if version != SCHEMA_VERSION:
         raise SchemaError(f"{source}: rollout schema version {version}, this switchkd reads version {SCHEMA_VERSION}")
     missing = [n for n in ROLLOUT_SCHEMA.names if n not in table.column_names]
@@ -81,11 +81,38 @@ def validate(table: pa.Table, source: str, vocab_size: int | None = None) -> Non
         actual = table.schema.field(f.name).type
         if actual != f.type:
             raise SchemaError(f"{source}: column {f.name} has type {actual}, expected {f.type}")
+    nulls = _first_null(table)
+    if nulls:
+        i, name = nulls
+        raise SchemaError(f"{source}: row {i} (prompt_index {table.column('prompt_index')[i].as_py()}): "
+                          f"{name} holds a null")
     data = table.select(ROLLOUT_SCHEMA.names).to_pylist()
     for i, row in enumerate(data):
         problem = _row_problem(row, vocab_size)
         if problem:
             raise SchemaError(f"{source}: row {i} (prompt_index {row['prompt_index']}): {problem}")
+
+
+def _first_null(table: pa.Table) -> tuple[int, str] | None:
+    """(row, column) of the first null anywhere in a row (the value, a list or a list element),
+    except ``finish_reason`` (named by its own check); None when there is none. Vectorized."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    first = None
+    for name in ROLLOUT_SCHEMA.names:
+        if name == "finish_reason":
+            continue
+        values, rows = table.column(name).combine_chunks(), np.arange(table.num_rows)
+        while True:
+            if values.null_count:
+                row = int(rows[np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]])
+                first = (row, name) if first is None or row < first[0] else first
+            if not pa.types.is_list(values.type):
+                break
+            rows = rows[pc.list_parent_indices(values).to_numpy(zero_copy_only=False)]
+            values = pc.list_flatten(values)
+    return first
 
 
 def _row_problem(row: dict, vocab_size: int | None) -> str | None:
@@ -135,7 +162,8 @@ def read_rollouts(path: str | Path, vocab_size: int | None = None) -> pa.Table:
         raise SchemaError(f"{path}: rollout file does not exist")
     try:
         table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise SchemaError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    except (pa.ArrowException, OSError) as e:
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise SchemaError(f"{path}: not a readable Parquet file ({message})") from None
     validate(table, source=str(path), vocab_size=vocab_size)
     return table

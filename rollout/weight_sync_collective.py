@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from switchkd.rollout.local_ray import tcp_store
 from switchkd.rollout.weight_sync import WeightSyncError
 
 BUCKET_BYTES = 256 << 20
@@ -28,14 +29,14 @@ def new_group(backend: str, host: str, port: int, rank: int, world: int, timeout
     """Join the sync group at ``host:port`` (rank 0 hosts its store); waits at most ``timeout_s``."""
     timeout = timedelta(seconds=timeout_s)
     try:
-        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+        store = tcp_store(host, port, world, rank == 0, timeout_s)
         if backend == "gloo":
             return dist.ProcessGroupGloo(store, rank, world, timeout)
         if backend == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             return dist.ProcessGroupNCCL(store, rank, world, options)
-    except RuntimeError as e:  # the store or a peer did not show up in time
+    except (RuntimeError, OSError) as e:  # the store or a peer did not show up in time, or the port is taken
         raise WeightSyncError(f"weight-sync group {host}:{port} (rank {rank} of {world}, {backend}): {e}") from None
     raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
 

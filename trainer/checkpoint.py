@@ -51,10 +51,14 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def temp_dir(output_dir: str | Path, step: int) -> Path:
-    """A fresh tmp_step_N/ (any leftover of a crashed save of the same step is removed)."""
-    path = checkpoints_dir(output_dir) / f"tmp_step_{step}"
+    """A fresh tmp_step_N/ (any leftover of a crashed save of the same step is removed), under an
+    owner-only (0700) checkpoints/ directory."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)  # owner-only: the weights, optimizer state and config of every checkpoint below
+    path = root / f"tmp_step_{step}"
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    path.mkdir()
     return path
 
 

@@ -5,6 +5,7 @@ so exporting a checkpoint is a checked copy and needs neither DeepSpeed nor its 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def write_hf_dir(model, state_dict: dict, tokenizer_dir: str, out: Path) -> Path
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=0o700)  # owner-only, like checkpoints and weight-sync files
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
     tmp.rename(out)  # fails rather than replace a non-empty directory
@@ -50,6 +52,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    os.chmod(tmp, 0o700)  # owner-only, like the checkpoint it comes from
     tmp.rename(out)
     return ckpt
 

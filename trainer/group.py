@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from switchkd.rollout.local_ray import init_local_ray
 from switchkd.rollout.models import check_pair, read_model_config
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import check_references, check_rows, reference_tokens
@@ -72,8 +73,7 @@ class Trainer:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
-            ray.init(num_cpus=max(1, int(self.tc.num_workers * self.tc.cpus_per_worker)),
-                     include_dashboard=False, _node_ip_address="127.0.0.1")
+            init_local_ray(num_cpus=max(1, int(self.tc.num_workers * self.tc.cpus_per_worker)))
             self._ray_started = True
         gpus = 1 if self.device == "cuda" else 0
         bundle = {"CPU": self.tc.cpus_per_worker, **({"GPU": gpus} if gpus else {})}

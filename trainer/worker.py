@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from switchkd.rollout.local_ray import tcp_store
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import collate, collate_reference
 from switchkd.trainer.ds_config import build_ds_config, lr_factor
@@ -251,5 +252,5 @@ def _init_process_group(backend: str, rank: int, world: int, addr: str, port: in
         if world == 1 and dist.get_world_size() == 1 and dist.get_backend() == backend:
             return
         raise RuntimeError("torch.distributed is already initialized with another group in this process")
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    store = tcp_store(addr, port, world, rank == 0, timeout_s)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))

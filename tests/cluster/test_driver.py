@@ -271,24 +271,56 @@ def test_dry_run_rejects_contradictory_resources():
     assert "rollout.teacher.num_gpus=1: a cuda engine with tensor_parallel_size=2 needs at least that many GPUs" in res.stderr
 
 
-def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(tiny_models, tmp_path):
-    """Strictly on-policy with fixed seeds: 2 steps + --resume to 4 reach the same weights as 4 steps,
-    on the same batches (none trained twice, none skipped), and the engine gets the resumed weights."""
+def _kill_session(proc) -> None:
+    """SIGKILL a run and every process of its session (its private Ray too): a crash of the whole run."""
+    sid = os.getsid(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_models, tmp_path):
+    """Strictly on-policy with fixed seeds: a run SIGKILLed at a random step and resumed with
+    --resume reaches the same weights as an uninterrupted one, on the same batches (none trained
+    twice, none skipped), and the engine gets the resumed weights first."""
+    import random
+
     from safetensors.torch import load_file
 
     from switchkd.rollout.schema import read_rollouts
 
-    common = ("loop.max_staleness=0", "trainer.save_every=1", "data.max_prompts=16")
-    straight = _train(_config(tiny_models, tmp_path / "a", "trainer.max_steps=4", *common))
+    common = ("loop.max_staleness=0", "trainer.save_every=1", "data.max_prompts=16", "trainer.max_steps=4")
+    straight = _train(_config(tiny_models, tmp_path / "a", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = _train(_config(tiny_models, tmp_path / "b", "trainer.max_steps=2", *common))
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _train(["--resume", *_config(tiny_models, tmp_path / "b", "trainer.max_steps=4", *common)])
+    args = _config(tiny_models, tmp_path / "b", *common)
+    proc = subprocess.Popen([*SWITCHKD, "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / f"step_{random.Random().randint(1, 3)}"
+    while not (checkpoint / "trainer_state.json").is_file():  # a complete checkpoint, then a random moment
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    time.sleep(random.Random().uniform(0.0, 1.5))
+    while not metrics.is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    _kill_session(proc)
+    resumed = _train(["--resume", *args])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    metrics = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert [m["engine_version"] for m in metrics] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert [m["engine_version"] for m in rows] == [1, 2, 3, 4]
     for step in range(4):
         name = f"step_{step:06d}.parquet"
         assert (read_rollouts(a / "rollouts" / name).column("prompt_index").to_pylist()

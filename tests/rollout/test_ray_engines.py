@@ -3,6 +3,7 @@ import pytest
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.generate import run_generate
+from switchkd.rollout.local_ray import init_local_ray
 from switchkd.rollout.schema import read_rollouts
 
 
@@ -14,7 +15,7 @@ def test_ray_actor_engines_match_in_process(tiny_models, tmp_path):
     data = DataConfig(prompts=str(prompts))
     cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=24)
     run_generate(model, data, cfg, str(tmp_path / "local.parquet"))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_local_ray(num_cpus=2, log_to_driver=False)
     try:
         import dataclasses
 

@@ -1,0 +1,55 @@
+"""Listeners on 127.0.0.1 only, for what switchkd starts on one node: a private Ray (the closed
+loop, multi-worker train-offline, Ray-actor engines) and torch.distributed rendezvous stores
+(the trainer's process group, the collective weight-sync group)."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+_RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": Ray's node IP is 127.0.0.1 (single node)
+
+
+def init_local_ray(**kwargs) -> None:
+    """Start a private single-node Ray whose every listener is on 127.0.0.1 (no dashboard).
+
+    ``address="local"``: a new instance even when another Ray runs on this machine (ray.init's
+    default would join the last one started, via /tmp/ray/ray_current_cluster). Ray 2.60 turns
+    ``_node_ip_address="127.0.0.1"`` into the machine's routable IP (and then its GCS, raylet,
+    workers and agents listen on all interfaces or on that IP) unless its cluster mode is off:
+    off for the start, the node IP stays 127.0.0.1 and every listener binds there
+    (tests/cluster/test_security.py checks the sockets)."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # Ray's processes inherit the env
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_LOOPBACK_ENV, None)
+        else:
+            os.environ[_RAY_LOOPBACK_ENV] = saved_env
+
+
+def tcp_store(host: str, port: int, world: int, is_master: bool, timeout_s: float):
+    """A torch.distributed TCPStore. torch's master listens on every interface whatever ``host``
+    says; for a loopback ``host`` it gets a socket bound to 127.0.0.1 instead (``master_listen_fd``)."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if not (is_master and host in LOOPBACK_HOSTS):
+        return dist.TCPStore(host, port, world, is_master, timeout)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore(host, port, world, True, timeout, master_listen_fd=sock.detach())
