@@ -113,11 +113,14 @@ class EngineHandle:
             return _RayPending(getattr(self.actor, method).remote(*args))
         return InBackground(getattr(self.engine, method), *args)
 
-    def call(self, method: str, *args, timeout: float | None = ACTOR_CALL_TIMEOUT_S):
-        """Call ``method`` and wait for its result."""
+    def call(self, method: str, *args, timeout: float | None = None):
+        """Call ``method`` and wait for its result; TimeoutError after ``timeout`` seconds (default:
+        ACTOR_CALL_TIMEOUT_S for an actor, no limit and no extra thread for an engine in this process)."""
         if self.actor is not None:
-            return self.submit(method, *args).result(timeout)
-        return getattr(self.engine, method)(*args)
+            return self.submit(method, *args).result(timeout or ACTOR_CALL_TIMEOUT_S)
+        if timeout is None:
+            return getattr(self.engine, method)(*args)
+        return self.submit(method, *args).result(timeout)
 
     def wait_until_ready(self, timeout_s: float) -> None:
         """Block until the engine answers (after an actor restart it first reloads its model)."""

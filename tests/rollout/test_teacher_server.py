@@ -216,6 +216,17 @@ def test_slow_answers_time_out():
         t.shutdown()
 
 
+def test_server_killed_mid_run_fails_clearly_after_retries():
+    fake = FakeServer().__enter__()
+    t = client(fake.url, max_retries=2, backoff_s=0.01)
+    assert t.score([[1, 2, 3]], [1])[0].shape == (3, V)
+    fake.__exit__(None, None, None)  # the server dies between two calls of a rollout
+    with pytest.raises(ServerError, match="cannot connect") as e:
+        t.score([[1, 2, 3]], [1])
+    assert fake.url in str(e.value) and "gave up after 3 attempts" in str(e.value) and "\n" not in str(e.value)
+    t.shutdown()
+
+
 def test_unreachable_server_fails_after_retries_quickly():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
