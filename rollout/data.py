@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from switchkd.rollout.config import DataConfig
+from switchkd.rollout.schema import write_atomic
 from switchkd.rollout.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
 
@@ -300,21 +299,7 @@ def prepare_default_data(out: str | Path = DEFAULT_DATA_PATH) -> tuple[int, bool
     out = Path(out)
     if out.is_file() and out.read_bytes() == content:
         return len(rows), False
-    write_atomic(out, content)
+    write_atomic(out, lambda f: f.write(content))
     return len(rows), True
 
 
-def write_atomic(path: str | Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` via a temp file in the same directory, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
-from switchkd.rollout.data import Example, PromptError, load_examples, write_atomic
+from switchkd.rollout.data import Example, PromptError, load_examples
+from switchkd.rollout.schema import write_atomic
 from switchkd.rollout.generate import summarize
 from switchkd.rollout.models import CPU_HEAD_SIZES, ModelError, head_size, read_model_config
 from switchkd.rollout.schema import read_rollouts
@@ -175,7 +176,8 @@ def report_lines(report: dict) -> list[str]:
 
 def write_report(report: dict, out: str | Path) -> None:
     """Write the report as indented JSON, atomically."""
-    write_atomic(out, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    content = (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    write_atomic(out, lambda f: f.write(content))
 
 
 def _reference_tokens(example: Example, stop_token_ids: list[int]) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,20 +140,26 @@ def _row_problem(row: dict, vocab_size: int | None) -> str | None:
     return None
 
 
-def write_parquet(table: pa.Table, path: str | Path) -> None:
-    """Write ``table`` to ``path`` atomically: a temp file in the same directory, fsync, rename."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temp file next to ``path``, fsync, rename: ``path`` is either its old
+    self or complete, whatever happens (every file switchkd writes goes through here or a temp dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_parquet(table: pa.Table, path: str | Path) -> None:
+    """Write ``table`` to ``path`` atomically."""
+    write_atomic(path, lambda f: pq.write_table(table, f))
 
 
 def read_rollouts(path: str | Path, vocab_size: int | None = None) -> pa.Table:

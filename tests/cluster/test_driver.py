@@ -181,7 +181,11 @@ def _start_and_wait_for_first_step(tiny_models, tmp_path, *overrides):
 
 
 def _kill(actor_class: str) -> None:
-    pids = subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True, text=True).stdout.split()
+    """SIGKILL the actor's process (waiting for it if it is still coming back from a restart)."""
+    deadline = time.time() + 120
+    while not (pids := subprocess.run(["pgrep", "-f", f"ray::{actor_class}"], capture_output=True,
+                                      text=True).stdout.split()) and time.time() < deadline:
+        time.sleep(0.5)
     assert pids, f"no {actor_class} actor process found"
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
