@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from switchkd.rollout.switch import SCHEDULES
+from switchkd.rollout.switch import RULES, SCHEDULES
 
 
 def choice(default, allowed: tuple):
@@ -63,6 +63,10 @@ class SwitchConfig:
     schedule: str = choice("exp", SCHEDULES)
     logprobs: str = choice("exact", ("exact", "topk"))  # decision on full distributions or top-k + tail
     topk: int = bounded(20, lo=1)                  # k per side when logprobs=topk
+    # who owns each token: jsd = SWITCH (d > tau), student = on-policy/GKD, teacher = SeqKD,
+    # skd = the student proposes, the teacher replaces proposals outside its top skd_topk
+    rule: str = choice("jsd", RULES)
+    skd_topk: int = bounded(25, lo=1)              # rule=skd: the teacher's top-k that accepts a proposal
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,9 @@ class RolloutConfig:
     draft_tokens: int = bounded(8, lo=1)           # initial k of block-speculative SWITCH
     max_draft_tokens: int = bounded(64, lo=1)
     use_ray: bool = False                          # host engines in Ray actors (in-process otherwise)
+    # generate = sampled rollouts (owners by rollout.switch.rule); reference = the data's reference
+    # response scored by both models, no sampling (KD on ground truth, SFT)
+    source: str = choice("generate", ("generate", "reference"))
     switch: SwitchConfig = field(default_factory=SwitchConfig)
     teacher: EngineConfig = field(default_factory=EngineConfig)
     student: EngineConfig = field(default_factory=EngineConfig)

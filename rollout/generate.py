@@ -42,17 +42,38 @@ class RolloutSummary:
 
 
 def make_generator(model: ModelConfig, rollout: RolloutConfig, tokenizer):
-    """The configured SWITCH generator (HF reference or vLLM)."""
+    """The configured generator for `switchkd generate` (EOS and padding from ``tokenizer``)."""
     eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return build_generator(model, rollout, eos_ids, pad_id=tokenizer.pad_token_id or 0)
+
+
+def build_generator(model: ModelConfig, rollout: RolloutConfig, eos_ids: set[int], pad_id: int = 0, engines=None):
+    """THE generator factory (`switchkd generate` and the `switchkd train` loop): every method is
+    a config of one interface, ``generate(prompts, on_tokens) -> list[SequenceBuilder]``.
+
+    rollout.source=generate: sampled rollouts whose owners follow rollout.switch.rule (SWITCH,
+    on-policy/GKD, SeqKD, SKD), HF reference or vLLM (block / stepwise). rollout.source=reference:
+    the data's reference responses scored by both models (KD on ground truth, SFT). ``engines``
+    (teacher, student EngineHandles) are used when given, started from the config otherwise."""
+    reference = rollout.source == "reference"
     if rollout.engine == "hf":
         from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
 
         teacher = load_hf_model(model.teacher, model.dtype, model.trust_remote_code)
         student = load_hf_model(model.student, model.dtype, model.trust_remote_code)
-        return HFSwitchGenerator(teacher, student, rollout, eos_ids, pad_id=tokenizer.pad_token_id or 0)
+        if reference:
+            from switchkd.rollout.reference import HFScorer, ReferenceGenerator
+
+            return ReferenceGenerator(HFScorer(teacher, student, pad_id), rollout, eos_ids)
+        return HFSwitchGenerator(teacher, student, rollout, eos_ids, pad_id=pad_id)
+    if reference:
+        from switchkd.rollout.engines import start_engines
+        from switchkd.rollout.reference import ReferenceGenerator, VLLMScorer
+
+        return ReferenceGenerator(VLLMScorer(*(engines or start_engines(model, rollout))), rollout, eos_ids)
     from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
 
-    return VLLMSwitchGenerator(model, rollout, eos_ids)
+    return VLLMSwitchGenerator(model, rollout, eos_ids, engines=engines)
 
 
 def summarize(seqs: list[SequenceBuilder], skipped: Counter, seconds: float) -> RolloutSummary:
@@ -91,6 +112,6 @@ def run_generate(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, o
     finally:
         getattr(generator, "shutdown", lambda: None)()
     schema.write_parquet(schema.to_table([s.row(policy_version) for s in seqs]), output)
-    summary = summarize(seqs, skipped, seconds)
+    summary = summarize(seqs, skipped + getattr(generator, "skipped", Counter()), seconds)
     summary.topk_agreement = generator.rule.agreement
     return summary

@@ -1,8 +1,9 @@
 """The exact reference generator: teacher and student in transformers, lockstep, batched.
 
 This is the executable definition of SWITCH (DESIGN.md 4.1): at every response
-position both models give their full next-token distribution, switch.py decides the
-owner and draws the token from the owner's distribution, and both models consume it.
+position both models give their full next-token distribution, switch.OwnerRule decides
+the owner (SWITCH or a baseline rule) and draws the token from the owner's
+distribution, and both models consume it.
 KV caches, left padding and per-prompt seeds make it batched yet batch-independent.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ class HFSwitchGenerator:
     def __init__(self, teacher, student, cfg: RolloutConfig, eos_ids: set[int], pad_id: int):
         self.teacher, self.student, self.cfg = teacher, student, cfg
         self.eos_ids, self.pad_id = eos_ids, pad_id
-        self.rule = switch.OwnerRule(cfg.switch)
+        self.rule = switch.OwnerRule(cfg.switch, cfg.temperature)
 
     def generate(self, prompts: list[Prompt], on_tokens: Callable[[int], None] = lambda n: None) -> list[SequenceBuilder]:
         """Roll out ``prompts`` in batches of rollout.batch_size; returns one builder per prompt."""
@@ -57,13 +58,12 @@ class HFSwitchGenerator:
         for t in range(cfg.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             lp_t, lp_s, caches = self._next_logprobs(input_ids, mask, positions, caches)
-            d, tau, own = self.rule.decide(lp_t, lp_s, [t] * len(seqs))
+            d, tau, own = self.rule.decide(lp_t, lp_s, [t] * len(seqs), seeds=[s.prompt.seed for s in seqs])
             next_ids = torch.full((len(seqs), 1), self.pad_id, dtype=torch.long)
             for i, seq in enumerate(seqs):
                 if seq.done:
                     continue
-                source = lp_t[i] if own[i] == switch.TEACHER else lp_s[i]
-                token = switch.sample_token(source, cfg.temperature, seq.prompt.seed, t)
+                token = self.rule.draw(int(own[i]), lp_t[i], lp_s[i], seq.prompt.seed, t)
                 seq.extend([token], [own[i]], [d[i]], [tau[i]], lp_s[i : i + 1], lp_t[i : i + 1])
                 seq.finish_if(self.eos_ids, cfg.max_new_tokens)
                 next_ids[i, 0] = token

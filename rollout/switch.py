@@ -14,6 +14,11 @@ Sampling uses the Gumbel-max trick with noise that depends only on (seed, t),
 drawn from a counter-keyed generator. A token is therefore a pure function of
 the owner's distribution, the prompt's seed and the position: batch composition,
 engine and the block boundaries of speculative decoding cannot change it.
+
+The baselines are other owner rules on the same path (``rollout.switch.rule``, OwnerRule):
+``student`` (on-policy / GKD), ``teacher`` (SeqKD) and ``skd`` (Speculative KD, Xu et al.
+2024: the student proposes a token at each position; when the proposal is outside the
+teacher's top ``skd_topk``, the teacher owns the position and draws its own token).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 
 STUDENT, TEACHER = 0, 1
 SCHEDULES = ("exp", "linear", "const")
+RULES = ("jsd", "student", "teacher", "skd")   # rollout.switch.rule: SWITCH, on-policy/GKD, SeqKD, SKD
 LN2 = math.log(2.0)
 _MASK64 = (1 << 64) - 1
 
@@ -85,31 +91,93 @@ def owners(d: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 
 class OwnerRule:
-    """Decides owners for a rollout config's ``switch`` section (tau0, decay, schedule, logprobs, topk).
+    """The single place owners are decided and tokens drawn, for a rollout config's ``switch``
+    section (rule, tau0, decay, schedule, logprobs, topk, skd_topk) and its sampling temperature.
 
-    In top-k mode it also decides exactly on the same rows and counts agreement, so a
-    run reports how often the cheap decision matched the exact one.
+    ``rule`` (rollout.switch.rule), per response position t:
+
+        jsd      SWITCH: TEACHER where d_t > tau_t
+        student  on-policy / GKD: always STUDENT (the teacher only scores)
+        teacher  SeqKD: always TEACHER (the student only scores)
+        skd      SKD: the student proposes s_t = draw(p_S, seed, t); TEACHER where
+                 #{v : p_T(v) > p_T(s_t)} >= skd_topk (s_t outside the teacher's top-k; ties
+                 at the k-th value count as inside), else STUDENT and y_t = s_t
+
+    Every rule records d_t (as configured: exact or top-k JSD); tau_t is the schedule's value
+    for ``jsd`` and NaN for the others (no threshold decides). A decision depends only on the
+    two distributions, the prompt's seed and t, never on batch or block boundaries. In top-k
+    mode the jsd rule also decides exactly on the same rows and counts agreement, so a run
+    reports how often the cheap decision matched the exact one.
     """
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, temperature: float = 1.0):
+        self.cfg, self.temperature = cfg, temperature
+        self.rule = cfg.rule
+        if self.rule not in RULES:
+            raise ValueError(f"unknown owner rule {self.rule!r}; allowed: {', '.join(RULES)}")
         self.agreed = self.decided = 0
 
-    def decide(self, teacher_lp: torch.Tensor, student_lp: torch.Tensor, positions) -> tuple:
-        """(d, tau, owners) for rows of next-token log-probs at response ``positions``."""
+    def decide(self, teacher_lp: torch.Tensor, student_lp: torch.Tensor, positions, seeds=None,
+               proposals=None) -> tuple:
+        """(d, tau, owners) for rows of next-token log-probs at response ``positions``. Rule ``skd``
+        decides on the student's proposals: ``seeds`` (the rows' prompt seeds) to draw them, or
+        ``proposals`` when the caller already holds exactly those draws (a student engine's draft
+        is: the engine draws with sample_token on the same rows, seed and positions)."""
         cfg = self.cfg
         d = decision_jsd(teacher_lp, student_lp, cfg.logprobs, cfg.topk)
-        tau = threshold(positions, cfg.tau0, cfg.decay, cfg.schedule)
-        own = owners(d, tau)
-        if cfg.logprobs != "exact":
-            self.agreed += int((own == owners(jsd(teacher_lp, student_lp), tau)).sum())
-            self.decided += len(own)
-        return d, tau, own
+        if self.rule == "jsd":
+            tau = threshold(positions, cfg.tau0, cfg.decay, cfg.schedule)
+            own = owners(d, tau)
+            if cfg.logprobs != "exact":
+                self.agreed += int((own == owners(jsd(teacher_lp, student_lp), tau)).sum())
+                self.decided += len(own)
+            return d, tau, own
+        n = len(d)
+        tau = torch.full((n,), math.nan, dtype=torch.float64)
+        if self.rule in ("student", "teacher"):
+            return d, tau, torch.full((n,), STUDENT if self.rule == "student" else TEACHER, dtype=torch.int8)
+        if proposals is None:
+            if seeds is None or len(seeds) != n:
+                raise ValueError("rule skd needs one prompt seed per row to draw the student's proposals")
+            lp_s = torch.as_tensor(student_lp)
+            proposals = [sample_token(lp_s[i], self.temperature, int(seeds[i]), int(positions[i])) for i in range(n)]
+        return d, tau, skd_owners(teacher_lp, torch.as_tensor(np.asarray(proposals), dtype=torch.long), cfg.skd_topk)
+
+    def draw_seed(self, owner: int, seed: int) -> int:
+        """The noise key a token owned by ``owner`` is drawn with (generators and the engines'
+        drafts alike). SKD's teacher replaces a proposal that the student's noise made; reusing
+        that noise would bias the replacement towards the rejected token, so it draws with an
+        independent key. Every other rule decides before drawing; both models share the prompt's key."""
+        return skd_teacher_seed(seed) if self.rule == "skd" and owner == TEACHER else seed
+
+    def draw(self, owner: int, teacher_lp: torch.Tensor, student_lp: torch.Tensor, seed: int, position: int) -> int:
+        """The token at ``position`` from the owner's distribution."""
+        source = teacher_lp if owner == TEACHER else student_lp
+        return sample_token(source, self.temperature, self.draw_seed(owner, seed), position)
+
+    @property
+    def first_drafter(self) -> int:
+        """Block mode: who drafts a sequence's first block (the teacher under SeqKD)."""
+        return TEACHER if self.rule == "teacher" else STUDENT
 
     @property
     def agreement(self) -> float | None:
         """Fraction of top-k decisions equal to the exact ones (None in exact mode)."""
         return self.agreed / self.decided if self.decided else None
+
+
+def skd_owners(teacher_lp: torch.Tensor, proposals: torch.Tensor, k: int) -> torch.Tensor:
+    """TEACHER (1) where the proposal is outside the teacher's top-k: at least k ids strictly more
+    likely under the teacher (ties at the k-th value count as inside, so the result never depends
+    on how a top-k routine orders equal values); else STUDENT (0)."""
+    lp = torch.as_tensor(teacher_lp).to(torch.float32)
+    chosen = lp.gather(-1, proposals.view(-1, 1).to(torch.long))
+    return ((lp > chosen).sum(-1) >= k).to(torch.int8)
+
+
+def skd_teacher_seed(seed: int) -> int:
+    """SKD's teacher noise key (31 bits), a fixed function of the prompt seed, independent of it."""
+    return splitmix64(seed ^ 0x5D5EED_7EAC4E5) & 0x7FFFFFFF
 
 
 def splitmix64(x: int) -> int:

@@ -25,6 +25,15 @@ capped per call at the group's median so one long draft does not hold the batch.
 
 Stepwise mode asks both engines for one next-token distribution per round trip: the
 obviously-correct twin and the benchmark's comparison point.
+
+Baseline rules (switch.OwnerRule) run on the same walk: under ``teacher`` (SeqKD) the
+teacher drafts from the start and the student only scores; under ``student`` (GKD) the
+student drafts every block. Under ``skd`` a student draft is its proposals (same key),
+and a teacher draft is drawn with the teacher's own key (OwnerRule.draw_seed), so either
+model can draft: a student block ends at the first proposal outside the teacher's top-k,
+a teacher block at the first position where the student's proposal (from its scored
+row) is inside it. The drafter follows the last owner, as in SWITCH, which keeps blocks
+long both for a good student (few replacements) and an untrained one (few acceptances).
 """
 from __future__ import annotations
 
@@ -43,9 +52,9 @@ from switchkd.rollout.sequences import Prompt, SequenceBuilder
 class _State:
     """Block-mode bookkeeping of one sequence: who drafts next and how far."""
 
-    def __init__(self, seq: SequenceBuilder, k: int):
+    def __init__(self, seq: SequenceBuilder, k: int, drafter: int):
         self.seq = seq
-        self.drafter = switch.STUDENT
+        self.drafter = drafter
         self.draft = None          # the drafter's DecodeResult awaiting the other model's scores
         self.k = {switch.STUDENT: k, switch.TEACHER: k}
 
@@ -61,7 +70,7 @@ class VLLMSwitchGenerator:
         self.cfg, self.eos_ids = rollout, eos_ids
         self.teacher, self.student = engines or start_engines(model, rollout)
         self.engine_calls = 0
-        self.rule = switch.OwnerRule(rollout.switch)
+        self.rule = switch.OwnerRule(rollout.switch, rollout.temperature)
 
     def shutdown(self) -> None:
         """Stop both engines (frees KV caches and shared memory)."""
@@ -94,7 +103,7 @@ class VLLMSwitchGenerator:
     def _block_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:
         """Alternate the engines; each call drafts for the sequences it drafts for and scores
         the drafts the other engine just made, in one batched engine call."""
-        states = [_State(s, self.cfg.draft_tokens) for s in seqs]
+        states = [_State(s, self.cfg.draft_tokens, self.rule.first_drafter) for s in seqs]
         engines = {switch.STUDENT: self.student, switch.TEACHER: self.teacher}
         turn = switch.STUDENT
         while active := [st for st in states if not st.seq.done]:
@@ -122,7 +131,7 @@ class VLLMSwitchGenerator:
             prompts=[st.ids for st in group],
             max_tokens=[min(st.k[st.drafter], cap, self.cfg.max_new_tokens - st.seq.position) for st in group],
             temperature=self.cfg.temperature,
-            seeds=[st.seq.prompt.seed for st in group],
+            seeds=[self.rule.draw_seed(st.drafter, st.seq.prompt.seed) for st in group],
             positions=[st.seq.position for st in group],
             stop_token_ids=sorted(self.eos_ids),
         )
@@ -135,7 +144,10 @@ class VLLMSwitchGenerator:
             teacher_lp, student_lp = other_rows[:m], drafted
         else:
             teacher_lp, student_lp = drafted, other_rows[:m]
-        d, tau, own = self.rule.decide(teacher_lp, student_lp, np.arange(st.seq.position, st.seq.position + m))
+        # A student draft is its own draws (same function, rows, seed and positions): SKD's proposals.
+        d, tau, own = self.rule.decide(teacher_lp, student_lp, np.arange(st.seq.position, st.seq.position + m),
+                                       seeds=[st.seq.prompt.seed] * m,
+                                       proposals=draft.token_ids if st.drafter == switch.STUDENT else None)
         flips = (own != st.drafter).nonzero()
         run = int(flips[0, 0]) if len(flips) else m
         if run:
@@ -157,8 +169,7 @@ class VLLMSwitchGenerator:
     def _accept(self, seq: SequenceBuilder, teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> None:
         """Decide and draw the token at seq.position from the two full distributions."""
         t = seq.position
-        d, tau, own = self.rule.decide(teacher_lp[None], student_lp[None], [t])
-        source = teacher_lp if own[0] == switch.TEACHER else student_lp
-        token = switch.sample_token(source, self.cfg.temperature, seq.prompt.seed, t)
+        d, tau, own = self.rule.decide(teacher_lp[None], student_lp[None], [t], seeds=[seq.prompt.seed])
+        token = self.rule.draw(int(own[0]), teacher_lp, student_lp, seq.prompt.seed, t)
         seq.extend([token], own, d, tau, student_lp[None], teacher_lp[None])
         seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)

@@ -3,7 +3,8 @@
 Greedy float32: tokens and owners identical to the HF reference on 32 prompts x 128
 tokens for every schedule. Sampling: block and stepwise make the very same draws
 (tokens are keyed by seed and position), and those draws follow the owner's
-distribution (chi-square).
+distribution (chi-square). The baseline owner rules (SKD, on-policy, SeqKD) and the
+reference source (KD on ground truth) are checked the same way against the HF reference.
 """
 import dataclasses
 
@@ -14,6 +15,7 @@ import torch
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig, SwitchConfig
 from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+from switchkd.rollout.generate import build_generator
 from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
 from switchkd.rollout.sequences import Prompt
 from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
@@ -112,3 +114,92 @@ def test_block_mode_speculates_long_runs(engines):
     longest = max(len(s.response_ids) for s in seqs)
     assert block.engine_calls <= 8 and stepwise.engine_calls == 2 * longest
 
+
+
+# --- baselines on the same path: owner rules and the reference source ------------------------------
+
+RULE_CASES = [("skd", 0.0, 16, 96), ("skd", 1.0, 16, 64), ("student", 1.0, 16, 64), ("teacher", 1.0, 16, 64),
+              ("teacher", 0.0, 8, 64)]
+
+
+@pytest.mark.parametrize("rule,temperature,n,max_new", RULE_CASES)
+def test_baseline_rules_block_and_stepwise_equal_hf_reference(engines, hf_models, rule, temperature, n, max_new):
+    """SKD (the decision depends on the student's seeded proposal), on-policy and SeqKD: block and
+    stepwise give the HF reference's tokens and owners, greedy and sampled."""
+    cfg = RolloutConfig(engine="vllm", temperature=temperature, max_new_tokens=max_new, batch_size=n,
+                        switch=SwitchConfig(rule=rule, skd_topk=64))
+    prompts = _prompts(n, seed=17 + n)
+    reference = HFSwitchGenerator(*hf_models, cfg, {EOS}, pad_id=0).generate(prompts)
+    owners = np.concatenate([r.owner for r in reference])
+    assert len(owners) > n * max_new * 0.75
+    if rule == "skd":
+        assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
+    else:
+        assert set(owners.tolist()) == {switch.STUDENT if rule == "student" else switch.TEACHER}
+    for mode in ("block", "stepwise"):
+        generator = _vllm(engines, dataclasses.replace(cfg, mode=mode))
+        seqs = generator.generate(prompts)
+        for ref, got in zip(reference, seqs):
+            assert got.response_ids == ref.response_ids, f"{mode}: tokens differ for prompt {ref.prompt.index}"
+            assert got.owner == ref.owner, f"{mode}: owners differ for prompt {ref.prompt.index}"
+            assert got.finish_reason == ref.finish_reason
+            np.testing.assert_allclose(got.jsd, ref.jsd, atol=1e-4)
+            np.testing.assert_allclose(got.student_logprob, ref.student_logprob, atol=1e-3)
+            assert np.isnan(got.tau).all()
+        if mode == "block" and rule == "teacher":
+            # The teacher drafts from the first token: k = 8, 16, 32, 8 blocks, two engine calls each.
+            assert generator.engine_calls <= 8
+
+
+def test_skd_block_mode_is_independent_of_block_boundaries(engines):
+    """Other draft lengths and batch sizes move every block boundary; the SKD draws must not move."""
+    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=40, batch_size=8,
+                        switch=SwitchConfig(rule="skd", skd_topk=64))
+    prompts = _prompts(8, seed=31)
+    base = _vllm(engines, cfg).generate(prompts)
+    other = _vllm(engines, dataclasses.replace(cfg, draft_tokens=3, max_draft_tokens=6, batch_size=3)).generate(prompts)
+    assert [s.response_ids for s in other] == [s.response_ids for s in base]
+    assert [s.owner for s in other] == [s.owner for s in base]
+    assert 0 < np.mean(np.concatenate([s.owner for s in base])) < 1
+
+
+def _reference_prompts(n, seed):
+    """Prompts with random references (EOS appended), one longer than the budget, one without any."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i, p in enumerate(_prompts(n, seed)):
+        reference = rng.integers(3, 500, size=40 if i == 1 else rng.integers(1, 20)).tolist() + [EOS]
+        prompts.append(dataclasses.replace(p, reference_ids=[] if i == 2 else reference))
+    return prompts
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_reference_source_scores_the_reference_like_a_teacher_forward(engines, hf_models, tiny_models, engine):
+    """rollout.source=reference: the response is the reference (cut at max_new_tokens), every owner is
+    the teacher, and the teacher top-k / student log-probs are those of a plain HF forward over
+    prompt + reference."""
+    max_new, k = 24, 8
+    cfg = RolloutConfig(engine=engine, source="reference", max_new_tokens=max_new, batch_size=4, teacher_topk=k)
+    model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
+    generator = build_generator(model, cfg, {EOS}, engines=engines if engine == "vllm" else None)
+    prompts = _reference_prompts(9, seed=8)
+    seqs = generator.generate(prompts)
+    assert [s.prompt.index for s in seqs] == [p.index for p in prompts if p.reference_ids]
+    assert generator.skipped == {"no reference response": 1}
+    teacher, student = hf_models
+    for seq in seqs:
+        want = seq.prompt.reference_ids[:max_new]
+        assert seq.response_ids == want
+        assert seq.finish_reason == ("length" if len(seq.prompt.reference_ids) > max_new else "stop")
+        assert seq.owner == [switch.TEACHER] * len(want)
+        ids = torch.tensor([seq.prompt.token_ids + want])
+        P = len(seq.prompt.token_ids)
+        with torch.no_grad():
+            lp_t = torch.log_softmax(teacher(ids).logits[0, P - 1:-1].double(), -1)
+            lp_s = torch.log_softmax(student(ids).logits[0, P - 1:-1].double(), -1)
+        top_lp, top_ids = torch.topk(lp_t, k, dim=-1)
+        np.testing.assert_array_equal(np.stack(seq.topk_ids)[:, :3], top_ids[:, :3].numpy())
+        np.testing.assert_allclose(np.stack(seq.topk_lps), top_lp.numpy(), atol=1e-4)
+        np.testing.assert_allclose(seq.student_logprob, lp_s.gather(1, torch.tensor(want)[:, None])[:, 0].numpy(),
+                                   atol=1e-3)
+        np.testing.assert_allclose(seq.jsd, switch.jsd(lp_t, lp_s).numpy(), atol=1e-4)
