@@ -67,9 +67,10 @@ def _cmd_train(args) -> None:
     from switchkd.cluster.driver import train
 
     result = train(cfg, resume=args.resume)
-    print(f"trained to step {result['steps']} (policy version {result['policy_version']}): loss "
-          f"{result['first_loss']:.4f} -> {result['last_loss']:.4f}; checkpoint {result['checkpoint']}"
-          + (f"; student exported to {result['export']}" if result.get("export") else ""))
+    losses = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}" if result["last_loss"] is not None
+              else "nothing left to train")
+    print(f"trained to step {result['steps']} (policy version {result['policy_version']}): {losses}; checkpoint "
+          f"{result['checkpoint']}" + (f"; student exported to {result['export']}" if result.get("export") else ""))
 
 
 def _cmd_export(args) -> None:

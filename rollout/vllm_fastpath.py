@@ -682,4 +682,7 @@ class WeightSyncExtension:
             lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
+# One class per process, even across a reload of this module: vLLM adds it to its worker class's
+# bases the first time and would refuse a second, look-alike class (each method "conflicts").
+WeightSyncExtension = vllm.__dict__.setdefault("_switchkd_weight_sync_extension", WeightSyncExtension)
 WORKER_EXTENSION_FQCN = f"{__name__}.WeightSyncExtension"  # vLLM resolves "<module>.<type>"
