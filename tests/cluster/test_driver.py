@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +315,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_models, tmp_path)
     straight = _train(_config(tiny_models, tmp_path / "a", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
     args = _config(tiny_models, tmp_path / "b", *common)
+    shm_before = _shm_entries()
     proc = subprocess.Popen([*SWITCHKD, "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = tmp_path / "b" / "run" / "metrics.jsonl"
@@ -326,6 +328,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_models, tmp_path)
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.1)
     _kill_session(proc)
+    for name in _shm_entries() - shm_before:  # nothing cleans up after SIGKILL: its sync dir stays
+        shutil.rmtree(f"/dev/shm/{name}", ignore_errors=True)
     resumed = _train(["--resume", *args])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
