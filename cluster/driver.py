@@ -30,7 +30,7 @@ from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError,
 from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout import schema
 from switchkd.rollout.data import PromptError, load_prompts
-from switchkd.rollout.engines import ENGINE_DIED
+from switchkd.rollout.engines import ENGINE_DIED, InBackground, start_engines
 from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
 from switchkd.rollout.models import check_pair
 from switchkd.rollout.sequences import Prompt
@@ -107,8 +107,6 @@ class RolloutSource:
         return RolloutBatch(step, table, version, summarize(seqs, {}, time.perf_counter() - start))
 
     def submit(self, step: int, version: int):
-        from switchkd.rollout.engines import InBackground
-
         return InBackground(self.run, step, version)
 
 
@@ -116,13 +114,11 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     """Run the closed loop for trainer.max_steps (or trainer.epochs over the prompts); returns a summary."""
     from transformers import AutoTokenizer
 
-    from switchkd.rollout.engines import start_engines
-
     tc = cfg.trainer
     if cfg.rollout.engine != "vllm":
         raise ConfigError(f"rollout.engine={cfg.rollout.engine}: switchkd train rolls out on vLLM engines; "
                           f"set rollout.engine=vllm")
-    latest = _checkpoint_to_resume(tc.output_dir, resume)
+    latest = checkpoint.checkpoint_to_resume(tc.output_dir, resume)
     plan = plan_placement(cfg)
     check_pair(cfg.model.teacher, cfg.model.student, "vllm", cfg.rollout.student.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.teacher)
@@ -148,8 +144,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         if latest is not None and {k: trainer.data_state.get(k) for k in data_state} != data_state:
             raise TrainerError(f"--resume: the checkpoint was trained on {trainer.data_state}, not on {data_state}")
         sync = WeightSync(cfg.sync, trainer, engines[1], backend, cfg.model.dtype, prompts[0].token_ids, root)
-        if trainer.policy_version > sync.engine_version:  # resumed: the engine starts from the initial student
-            sync.push()
+        sync.push()  # resumed: the engine starts from the initial student (a no-op on a fresh run)
         rollouts_dir = Path(tc.output_dir) / "rollouts" if cfg.loop.save_rollouts else None
         source = RolloutSource(build_generator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
                                tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir,
@@ -208,16 +203,6 @@ def _recover_engines(engines, sync, timeout_s: float) -> int:
     sync.reconnect()
     sync.push()
     return sync.engine_version
-
-
-def _checkpoint_to_resume(output_dir: str, resume: bool) -> Path | None:
-    latest = checkpoint.latest_checkpoint(output_dir)
-    if resume and latest is None:
-        raise TrainerError(f"--resume: no complete checkpoint under {checkpoint.checkpoints_dir(output_dir)}")
-    if not resume and latest is not None:
-        raise TrainerError(f"trainer.output_dir={output_dir} already holds checkpoints ({latest.name}); "
-                           f"pass --resume to continue, or choose a new trainer.output_dir")
-    return latest
 
 
 def _check_same_node(pg, plan) -> None:

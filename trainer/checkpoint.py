@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from switchkd.trainer.ds_config import TrainerError
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -142,3 +144,15 @@ def _b64(t: torch.Tensor) -> str:
 
 def _unb64(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def checkpoint_to_resume(output_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a run starts from: the latest complete one with ``--resume`` (TrainerError if
+    there is none), else None (TrainerError if ``output_dir`` already holds checkpoints)."""
+    latest = latest_checkpoint(output_dir)
+    if resume and latest is None:
+        raise TrainerError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")
+    if not resume and latest is not None:
+        raise TrainerError(f"trainer.output_dir={output_dir} already holds checkpoints ({latest.name}); "
+                           f"pass --resume to continue, or choose a new trainer.output_dir")
+    return latest

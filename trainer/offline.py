@@ -54,12 +54,7 @@ def train_offline(cfg, rollouts: list[str], resume: bool = False, stop_after: in
     (tests use it to check that resuming reproduces an uninterrupted run).
     """
     tc = cfg.trainer
-    latest = checkpoint.latest_checkpoint(tc.output_dir)
-    if resume and latest is None:
-        raise TrainerError(f"--resume: no complete checkpoint under {checkpoint.checkpoints_dir(tc.output_dir)}")
-    if not resume and latest is not None:
-        raise TrainerError(f"trainer.output_dir={tc.output_dir} already holds checkpoints ({latest.name}); "
-                           f"pass --resume to continue, or choose a new trainer.output_dir")
+    latest = checkpoint.checkpoint_to_resume(tc.output_dir, resume)
     table, skipped = load_rollouts(rollouts, cfg.model.student, tc.sft_ratio)
     per_epoch = -(-table.num_rows // tc.batch_size)
     total_steps = tc.max_steps or tc.epochs * per_epoch

@@ -49,6 +49,15 @@ def _vllm(engines, cfg):
     return VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=engines)
 
 
+def _assert_same_record(mode: str, ref, got) -> None:
+    """The vLLM generator in ``mode`` made the same tokens, owners and distributions as the reference."""
+    assert got.response_ids == ref.response_ids, f"{mode}: tokens differ for prompt {ref.prompt.index}"
+    assert got.owner == ref.owner, f"{mode}: owners differ for prompt {ref.prompt.index}"
+    assert got.finish_reason == ref.finish_reason
+    np.testing.assert_allclose(got.jsd, ref.jsd, atol=1e-4)
+    np.testing.assert_allclose(got.student_logprob, ref.student_logprob, atol=1e-3)
+
+
 @pytest.mark.parametrize("schedule,tau0,decay", SCHEDULES)
 def test_greedy_block_and_stepwise_equal_hf_reference(engines, hf_models, schedule, tau0, decay):
     cfg = RolloutConfig(engine="vllm", temperature=0.0, max_new_tokens=128, batch_size=32,
@@ -61,11 +70,7 @@ def test_greedy_block_and_stepwise_equal_hf_reference(engines, hf_models, schedu
     for mode in ("block", "stepwise"):
         seqs = _vllm(engines, dataclasses.replace(cfg, mode=mode)).generate(prompts)
         for ref, got in zip(reference, seqs):
-            assert got.response_ids == ref.response_ids, f"{mode}: tokens differ for prompt {ref.prompt.index}"
-            assert got.owner == ref.owner, f"{mode}: owners differ for prompt {ref.prompt.index}"
-            assert got.finish_reason == ref.finish_reason
-            np.testing.assert_allclose(got.jsd, ref.jsd, atol=1e-4)
-            np.testing.assert_allclose(got.student_logprob, ref.student_logprob, atol=1e-3)
+            _assert_same_record(mode, ref, got)
             np.testing.assert_array_equal(np.stack(got.topk_ids)[:, :3], np.stack(ref.topk_ids)[:, :3])
 
 
@@ -140,11 +145,7 @@ def test_baseline_rules_block_and_stepwise_equal_hf_reference(engines, hf_models
         generator = _vllm(engines, dataclasses.replace(cfg, mode=mode))
         seqs = generator.generate(prompts)
         for ref, got in zip(reference, seqs):
-            assert got.response_ids == ref.response_ids, f"{mode}: tokens differ for prompt {ref.prompt.index}"
-            assert got.owner == ref.owner, f"{mode}: owners differ for prompt {ref.prompt.index}"
-            assert got.finish_reason == ref.finish_reason
-            np.testing.assert_allclose(got.jsd, ref.jsd, atol=1e-4)
-            np.testing.assert_allclose(got.student_logprob, ref.student_logprob, atol=1e-3)
+            _assert_same_record(mode, ref, got)
             assert np.isnan(got.tau).all()
         if mode == "block" and rule == "teacher":
             # The teacher drafts from the first token: k = 8, 16, 32, 8 blocks, two engine calls each.
