@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.local_ray import init_local_ray
@@ -123,13 +123,14 @@ class EngineHandle:
         return self.submit(method, *args).result(timeout)
 
     def wait_until_ready(self, timeout_s: float) -> None:
-        """Block until the engine answers (after an actor restart it first reloads its model)."""
+        """Block until the engine answers (after an actor restart it first reloads its model).
+        An actor that is dead for good (no restarts left: ActorDiedError) fails at once."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 self.call("version", timeout=max(1.0, deadline - time.monotonic()))
                 return
-            except ENGINE_DIED as e:
+            except ActorUnavailableError as e:  # restarting
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"engine did not come back within {timeout_s:.0f} s: {e}") from None
                 time.sleep(1.0)

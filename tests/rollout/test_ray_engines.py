@@ -25,3 +25,34 @@ def test_ray_actor_engines_match_in_process(tiny_models, tmp_path):
     local, remote = read_rollouts(tmp_path / "local.parquet"), read_rollouts(tmp_path / "ray.parquet")
     for column in ("response_ids", "owner", "teacher_topk_ids"):
         assert local.column(column).to_pylist() == remote.column(column).to_pylist()
+
+
+def test_wait_until_ready_waits_for_a_restart_and_fails_fast_on_a_dead_actor():
+    """A restarting actor is waited for; one with no restarts left (ActorDiedError) fails at once,
+    so a run whose engine died for good stops instead of waiting out sync.timeout_s."""
+    import os
+    import signal
+
+    ray = pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError
+
+    from switchkd.rollout.engines import EngineHandle
+
+    class Engine:
+        def version(self):
+            return os.getpid()
+
+    init_local_ray(num_cpus=2, log_to_driver=False)
+    try:
+        for max_restarts in (1, 0):
+            actor = ray.remote(num_cpus=0)(Engine).options(max_restarts=max_restarts, max_task_retries=0).remote()
+            handle = EngineHandle(actor=actor)
+            os.kill(handle.call("version"), signal.SIGKILL)
+            if max_restarts:
+                handle.wait_until_ready(60)
+                assert handle.call("version") > 0
+            else:  # before the fix: TimeoutError after 60 s of retrying a dead actor
+                with pytest.raises(ActorDiedError):
+                    handle.wait_until_ready(60)
+    finally:
+        ray.shutdown()
