@@ -6,7 +6,7 @@ STAMP := $(VENV)/.switchkd-installed
 REQS := requirements/torch-cpu.txt requirements/cpu.txt requirements/models.txt setup.py
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: install run test test-slow tiny-models clean
+.PHONY: install run test test-slow tiny-models clean bench trl-venv
 
 install: $(STAMP)
 
@@ -29,8 +29,9 @@ models/tiny/teacher/config.json: | $(STAMP)
 
 tiny-models: models/tiny/teacher/config.json
 
-run: install tiny-models
-	$(VENV)/bin/switchkd train --config configs/tiny.yaml trainer.output_dir=runs/tiny-$(shell date +%Y%m%d-%H%M%S)
+# The default job: default models + data, SFT warm-up, SWITCH distillation, evaluation, table, plots.
+run: install
+	$(VENV)/bin/switchkd pipeline --out runs/default-$(shell date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" tests
@@ -38,5 +39,26 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 
+# The benchmark suite (BENCHMARKS.md): every result JSON and plot under benchmarks/results/, about 25 min.
+bench: install tiny-models trl-venv
+	$(PY) benchmarks/run.py
+
+# TRL's GKDTrainer, the peer in the end-to-end comparison, in its own venv so its pins cannot
+# touch ours. Idempotent like install: the stamp depends on the pin file.
+# Same transformers/accelerate/datasets pins as ours, so the comparison measures the trainers.
+TRL_VENV := .venv-trl
+TRL_PINS := trl==1.16.0 transformers==5.19.0 accelerate==1.15.0 datasets==5.2.0
+TRL_STAMP := $(TRL_VENV)/.installed-trl-1.16.0-transformers-5.19.0
+trl-venv: $(TRL_STAMP)
+
+$(TRL_STAMP): requirements/torch-cpu.txt
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q -r requirements/torch-cpu.txt
+	$(TRL_VENV)/bin/python -m pip install -q $(TRL_PINS)
+	$(TRL_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
+	$(TRL_VENV)/bin/python -c "import torch, transformers, trl; from trl.experimental.gkd import GKDTrainer"
+	touch $(TRL_STAMP)
+
 clean:
-	rm -rf $(VENV) models runs
+	rm -rf $(VENV) $(TRL_VENV) models runs

@@ -14,6 +14,8 @@ from switchkd.cluster.placement import ClusterError
 from switchkd.rollout.weight_sync import WeightSyncError
 from switchkd.trainer.ds_config import TrainerError
 
+PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 40, "eval_prompts": 128}
+
 # Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
 
@@ -104,6 +106,15 @@ def _cmd_eval(args) -> None:
     print("\n".join(report_lines(report)))
 
 
+def _cmd_pipeline(args) -> None:
+    from switchkd.cluster.pipeline import run_pipeline, summary_lines
+
+    summary = run_pipeline(args.out, args.warmup_steps, args.distil_steps, args.eval_prompts, args.seed,
+                           args.distil_config)
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote {args.out}/summary.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchkd", description="SWITCH knowledge distillation of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,7 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SWITCH rollout Parquet: also report its teacher-token fraction by position (repeatable)")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("pipeline", help="the default job (make run): prepare, warm up, distil with SWITCH, evaluate, plot")
+    p.add_argument("--out", required=True, help="run directory; an existing one continues after its complete stages")
+    p.add_argument("--warmup-steps", type=_positive, default=PIPELINE_DEFAULTS["warmup_steps"],
+                   help="SFT warm-up steps of the student (default: %(default)s)")
+    p.add_argument("--distil-steps", type=_positive, default=PIPELINE_DEFAULTS["distil_steps"],
+                   help="SWITCH distillation steps (default: %(default)s)")
+    p.add_argument("--eval-prompts", type=_positive, default=PIPELINE_DEFAULTS["eval_prompts"],
+                   help="test-split prompts evaluated (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distil-config", default=None,
+                   help="distillation config (default: configs/baselines/switch-exp.yaml)")
+    p.set_defaults(func=_cmd_pipeline)
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,148 @@
+"""Quality of every method at an equal budget: ROUGE-L on the held-out test split, over seeds.
+
+For each seed: one SFT warm-up of the layer-dropped student (as `switchkd pipeline`), then every
+configs/baselines/*.yaml method trains --steps steps from that warmed-up student (same steps,
+prompts per step, LR, loss, max_new_tokens: the baseline configs differ only in their "method"
+lines), and each result is evaluated (greedy and sampled) on --eval-prompts test prompts. The
+warmed-up student itself is evaluated too ("warm-up", the common starting point).
+
+    python benchmarks/quality.py [--quick] [--seeds 3] [--steps 16] [--json benchmarks/results/quality.json]
+
+Writes the JSON (per method: mean and standard deviation over seeds, overall and per
+reference-length bucket; the teacher-token fraction by position of the rollout methods) and PNG
+plots next to it (plots/quality_*.png). Runs go to --out; a run directory that already holds a
+complete stage reuses it (an interrupted benchmark continues). --quick: the tiny random pair, two
+methods' worth of steps, one seed (checks the machinery; its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_info, write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("sft", "kd", "seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
+ROLLOUT_METHODS = ("seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
+
+
+def run_seed(seed: int, args, base: list[str]) -> dict[str, dict]:
+    """Warm-up, then every method from it; {method: eval report} for this seed."""
+    from switchkd.cluster.pipeline import WARMUP_CONFIG, WARMUP_LR, eval_stage, train_stage, training_overrides
+
+    out = Path(args.out) / f"seed{seed}"
+    warm = train_stage(WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, seed, out / "warmup"),
+                                       f"trainer.lr={WARMUP_LR}"], out / "warmup", progress=False)
+    eval_overrides = [*base, "data.split=test", f"data.max_prompts={args.eval_prompts}", f"rollout.seed={seed}"]
+    config = lambda method: str(REPO / "configs" / "baselines" / f"{method}.yaml")  # noqa: E731
+    reports = {"warm-up": eval_stage(config("sft"), eval_overrides, warm["export"], out / "eval" / "warm-up.json")}
+    for method in args.methods:
+        start = time.perf_counter()
+        run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, warm["export"])],
+                          out / method, progress=False)
+        rollouts = sorted(str(p) for p in (out / method / "rollouts").glob("step_*.parquet"))
+        reports[method] = eval_stage(config(method), eval_overrides, run["export"], out / "eval" / f"{method}.json",
+                                     rollouts if method in ROLLOUT_METHODS else ())
+        print(f"seed {seed} {method}: ROUGE-L greedy {reports[method]['greedy']['rougeL']:.2f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return reports
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict:
+    """Per method: mean / std over seeds of ROUGE-L (overall, per bucket) and teacher fractions."""
+    methods = list(next(iter(per_seed.values())))
+    result = {}
+    for method in methods:
+        reports = [per_seed[s][method] for s in per_seed]
+        entry = {}
+        for mode in ("greedy", "sampled"):
+            if mode not in reports[0]:
+                continue
+            buckets = sorted({b for r in reports for b in r[mode]["rougeL_by_reference_length"]},
+                             key=lambda b: int(b.split("-")[0].rstrip("+")))
+            entry[mode] = {"rougeL": _spread([r[mode]["rougeL"] for r in reports]),
+                           "mean_response_tokens": _spread([r[mode]["mean_response_tokens"] for r in reports]),
+                           "rougeL_by_reference_length": {
+                               b: _spread([r[mode]["rougeL_by_reference_length"][b]["rougeL"] for r in reports
+                                           if b in r[mode]["rougeL_by_reference_length"]]) for b in buckets}}
+        if "rollouts" in reports[0]:
+            entry["teacher_fraction"] = _spread([r["rollouts"]["teacher_fraction"] for r in reports])
+        result[method] = entry
+    return result
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def plot(per_seed: dict[int, dict[str, dict]], out_dir: Path) -> list[str]:
+    """ROUGE-L per method (error bars over seeds), by reference-length bucket, and the teacher
+    fraction by position of the SWITCH runs."""
+    from switchkd.cluster.plots import plot_rouge_by_bucket, plot_teacher_fraction
+
+    methods = list(next(iter(per_seed.values())))
+    reports = {m: [per_seed[s][m] for s in per_seed] for m in methods}
+    paths = [plot_rouge_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png")]
+    switch = {m: [r["rollouts"] for r in reports[m]] for m in methods if m.startswith("switch")}
+    if switch:
+        paths.append(plot_teacher_fraction(switch, out_dir / "quality_teacher_fraction_by_position.png"))
+    return [str(p) for p in paths]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random pair, 2 steps, 1 seed (machinery check)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16, help="training steps of every method")
+    parser.add_argument("--warmup-steps", type=int, default=60)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", default="runs/quality", help="run directories (complete stages are reused)")
+    parser.add_argument("--json", default=None, help="default: benchmarks/results/quality.json (quick: not written)")
+    args = parser.parse_args()
+    base: list[str] = []
+    if args.quick:
+        from switchkd.rollout.tiny_models import build_tiny_models
+
+        tiny = build_tiny_models(Path(args.out) / "tiny-models", seed=0)
+        base = [f"model.teacher={tiny['teacher']}", f"model.student={tiny['student']}", "model.dtype=float32",
+                "rollout.max_new_tokens=16", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
+        args.seeds, args.steps, args.warmup_steps, args.eval_prompts = 1, 2, 2, 8
+    from switchkd.cluster.pipeline import prepare_defaults
+
+    prepare_defaults()
+    start = time.perf_counter()
+    per_seed = {seed: run_seed(seed, args, base) for seed in range(args.seeds)}
+    json_path = Path(args.json or ("benchmarks/results/quality.json" if not args.quick else Path(args.out) / "quality.json"))
+    result = {"benchmark": "quality", "machine": machine_info(), "wall_seconds": time.perf_counter() - start,
+              "config": {"seeds": args.seeds, "steps": args.steps, "warmup_steps": args.warmup_steps,
+                         "eval_prompts": args.eval_prompts, "methods": args.methods, "quick": args.quick,
+                         "overrides": base},
+              "methods": aggregate(per_seed), "plots": plot(per_seed, json_path.parent / "plots")}
+    write_json(result, str(json_path))
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """Markdown table: ROUGE-L mean +- std over seeds per method, longest bucket, teacher fraction."""
+    lines = ["| method | ROUGE-L greedy | ROUGE-L sampled | longest bucket (greedy) | teacher fraction |",
+             "|---|---|---|---|---|"]
+    for method, entry in result["methods"].items():
+        greedy, sampled = entry["greedy"], entry.get("sampled")
+        bucket, longest = list(greedy["rougeL_by_reference_length"].items())[-1]
+        cells = [f"{greedy['rougeL']['mean']:.2f} ± {greedy['rougeL']['std']:.2f}",
+                 f"{sampled['rougeL']['mean']:.2f} ± {sampled['rougeL']['std']:.2f}" if sampled else "-",
+                 f"[{bucket}] {longest['mean']:.2f} ± {longest['std']:.2f}",
+                 f"{entry['teacher_fraction']['mean']:.3f}" if "teacher_fraction" in entry else "-"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

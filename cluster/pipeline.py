@@ -1,0 +1,139 @@
+"""`switchkd pipeline` (what `make run` runs): the default job from nothing to a report.
+
+    prepare models + data  ->  warm-up (SFT) of the layer-dropped student  ->  SWITCH distillation
+    from the warmed-up student  ->  ROUGE-L on the held-out test split (teacher, student before and
+    after distillation)  ->  table (stdout + summary.json) and plots
+
+Both training stages are `switchkd train` runs of a config in configs/baselines/ (one code path:
+the SFT stage is the reference-source loop with trainer.sft_ratio=1). An untrained layer-dropped
+student is gibberish and the teacher would own ~every token, so the warm-up is not optional (the
+SWITCH paper and DistiLLM also start from an SFT student).
+
+Each stage writes its result to OUT/<stage>/result.json atomically when it is complete; running the
+pipeline again with the same --out skips the complete stages (a crashed run continues where it
+stopped). benchmarks/quality.py reuses these stages for every baseline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from switchkd.cluster.config import ConfigError, load_config
+from switchkd.rollout.schema import write_atomic
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP_CONFIG = str(REPO / "configs" / "baselines" / "sft.yaml")
+DISTIL_CONFIG = str(REPO / "configs" / "baselines" / "switch-exp.yaml")
+# The warm-up takes a layer-dropped student from gibberish to fluent: a higher LR than the baselines'.
+WARMUP_LR = 3e-4
+
+
+def prepare_defaults(models_dir: str = "models", data_path: str = "data/default.jsonl") -> None:
+    """The default teacher/student pair and data set (both cached: seconds when already there)."""
+    from switchkd.rollout.data import prepare_default_data
+    from switchkd.rollout.real_models import prepare_default_models
+
+    prepare_default_models(models_dir)
+    prepare_default_data(data_path)
+
+
+def training_overrides(steps: int, seed: int, out_dir: Path, student: str | None = None) -> list[str]:
+    """Config overrides shared by every training stage: budget, seeds, output, starting student."""
+    overrides = [f"trainer.max_steps={steps}", f"trainer.warmup_steps={max(1, steps // 10)}",
+                 f"trainer.seed={seed}", f"rollout.seed={seed}", f"trainer.output_dir={out_dir}"]
+    return overrides + ([f"model.student={student}"] if student else [])
+
+
+def train_stage(config: str, overrides: list[str], out_dir: Path, progress: bool = True) -> dict:
+    """One closed-loop training run (skipped when OUT_DIR/result.json says it is complete)."""
+    done = _load_result(out_dir)
+    if done is not None:
+        if (done.get("config"), done.get("overrides")) != (config, overrides):
+            raise ConfigError(f"{out_dir}: holds a complete run of {done.get('config')} with other settings "
+                              f"({done.get('overrides')}); use another output directory")
+        log.info("%s: complete, skipped (%s)", out_dir, done.get("export"))
+        return done
+    from switchkd.cluster.driver import train
+
+    cfg = load_config(config, overrides)
+    result = {"config": config, "overrides": overrides, **train(cfg, progress=progress)}
+    _save_result(out_dir, result)
+    return result
+
+
+def eval_stage(config: str, overrides: list[str], model_dir: str, out_json: Path, rollouts: list[str] = ()) -> dict:
+    """ROUGE-L of ``model_dir`` on the config's data split (skipped when OUT_JSON exists)."""
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval, write_report
+
+    cfg = load_config(config, overrides)
+    report = run_eval(cfg.model, cfg.data, cfg.rollout, model_dir)
+    if rollouts:
+        report["rollouts"] = rollout_teacher_fraction(list(rollouts))
+    write_report(report, out_json)
+    return report
+
+
+def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: int, seed: int = 0,
+                 distil_config: str | None = None, overrides: list[str] = (), prepare: bool = True,
+                 progress: bool = True) -> dict:
+    """Run every stage into ``out``; returns the summary (also written to OUT/summary.json).
+    ``overrides`` apply to every stage (e.g. other models or data); ``prepare`` builds the default
+    models and data first."""
+    from switchkd.cluster.plots import plot_loss, plot_rouge_by_bucket, plot_teacher_fraction
+
+    out, distil_config, overrides = Path(out), distil_config or DISTIL_CONFIG, list(overrides)
+    if prepare:
+        prepare_defaults()
+    warm = train_stage(WARMUP_CONFIG, [*overrides, *training_overrides(warmup_steps, seed, out / "warmup"),
+                                       f"trainer.lr={WARMUP_LR}"], out / "warmup", progress)
+    distil = train_stage(distil_config, [*overrides, *training_overrides(distil_steps, seed, out / "distil",
+                                                                         warm["export"])], out / "distil", progress)
+    eval_overrides = [*overrides, "data.split=test", f"data.max_prompts={eval_prompts}", f"rollout.seed={seed}"]
+    rollouts = sorted(str(p) for p in (out / "distil" / "rollouts").glob("step_*.parquet"))
+    models = {"teacher": load_config(distil_config, overrides).model.teacher, "student before (warm-up)": warm["export"],
+              "student after (SWITCH)": distil["export"]}
+    reports = {name: eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
+                                rollouts if "after" in name else ())
+               for name, path in models.items()}
+    plots = out / "plots"
+    plot_loss({"warm-up (SFT)": out / "warmup" / "metrics.jsonl", "SWITCH": out / "distil" / "metrics.jsonl"},
+              plots / "loss.png")
+    plot_teacher_fraction({"SWITCH rollouts": reports["student after (SWITCH)"]["rollouts"]},
+                          plots / "teacher_fraction_by_position.png")
+    plot_rouge_by_bucket(reports, plots / "rouge_l_before_after.png")
+    summary = {"out": str(out), "seed": seed, "warmup_steps": warmup_steps, "distil_steps": distil_steps,
+               "distil_config": distil_config, "eval_prompts": eval_prompts,
+               "teacher_fraction": reports["student after (SWITCH)"]["rollouts"]["teacher_fraction"],
+               "rouge_l": {name: {mode: r[mode]["rougeL"] for mode in ("greedy", "sampled") if mode in r}
+                           for name, r in reports.items()},
+               "plots": sorted(str(p) for p in plots.glob("*.png"))}
+    write_atomic(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The ROUGE-L table of a pipeline summary."""
+    lines = [f"{'model':<28} {'ROUGE-L greedy':>15} {'ROUGE-L sampled':>16}"]
+    for name, scores in summary["rouge_l"].items():
+        lines.append(f"{name:<28} {scores.get('greedy', float('nan')):>15.2f} {scores.get('sampled', float('nan')):>16.2f}")
+    lines.append(f"teacher-token fraction of the SWITCH rollouts: {summary['teacher_fraction']:.3f}")
+    lines.append("plots: " + ", ".join(summary["plots"]))
+    return lines
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _load_result(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _save_result(out_dir: Path, result: dict) -> None:
+    write_atomic(Path(out_dir) / "result.json", lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))

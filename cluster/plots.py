@@ -1,0 +1,80 @@
+"""PNG plots of runs and evaluations (matplotlib, no display needed): loss curves, the
+teacher-token fraction by response position, ROUGE-L by reference-length bucket."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_loss(metrics: dict[str, Path], out: Path) -> Path:
+    """Training loss per step of each run's metrics.jsonl, one curve per label."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, path in metrics.items():
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    return _save(fig, ax, out)
+
+
+def plot_teacher_fraction(by_label: dict[str, dict], out: Path) -> Path:
+    """Teacher-token fraction by response-position bucket; values are rollout_teacher_fraction dicts
+    (or lists of them: mean and spread over seeds)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, value in by_label.items():
+        runs = value if isinstance(value, list) else [value]
+        buckets = list(runs[0]["teacher_fraction_by_position"])
+        mean, err = _mean_err([[r["teacher_fraction_by_position"].get(b, float("nan")) for b in buckets] for r in runs])
+        ax.errorbar(range(len(buckets)), mean, yerr=err if len(runs) > 1 else None, marker="o", capsize=3, label=label)
+        ax.set_xticks(range(len(buckets)), buckets, rotation=30)
+    ax.set(xlabel="response position (tokens)", ylabel="teacher-token fraction", ylim=(0, 1),
+           title="teacher interventions by position")
+    return _save(fig, ax, out)
+
+
+def plot_rouge_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode: str = "greedy") -> Path:
+    """Grouped bars: ROUGE-L per reference-length bucket (and overall) for each label's eval
+    report(s); several reports per label (seeds) give mean and standard-deviation error bars."""
+    from switchkd.rollout.evaluate import bucket_labels
+
+    labels = list(reports)
+    present = {b for runs in reports.values() for r in (runs if isinstance(runs, list) else [runs])
+               for b in r[mode]["rougeL_by_reference_length"]}
+    buckets = ["all", *(b for b in bucket_labels() if b in present)]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(buckets) * len(labels) * 0.4), 3.8))
+    for i, label in enumerate(labels):
+        runs = reports[label] if isinstance(reports[label], list) else [reports[label]]
+        values = [[r[mode]["rougeL"], *(r[mode]["rougeL_by_reference_length"].get(b, {}).get("rougeL", float("nan"))
+                                         for b in buckets[1:])] for r in runs]
+        mean, err = _mean_err(values)
+        ax.bar([x + i * width for x in range(len(buckets))], mean, width, yerr=err if len(runs) > 1 else None,
+               capsize=2, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(buckets))], buckets)
+    ax.set(xlabel="reference length (tokens)", ylabel=f"ROUGE-L ({mode})", title="ROUGE-L on the test split")
+    return _save(fig, ax, out)
+
+
+def _mean_err(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    import numpy as np
+
+    values = np.asarray(rows, dtype=float)
+    return list(np.nanmean(values, 0)), list(np.nanstd(values, 0))
+
+
+def _save(fig, ax, out: Path) -> Path:
+    """Write the figure atomically (a crash never leaves half a PNG)."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

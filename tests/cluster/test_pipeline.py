@@ -1,0 +1,59 @@
+"""`switchkd pipeline` (make run) end to end on the tiny pair with the default data: warm-up,
+SWITCH distillation from the warmed-up student, evaluation, summary and plots; a second call
+continues after the complete stages instead of training again."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_driver import clean_machine  # noqa: F401  (fixture: no Ray process or /dev/shm entry left)
+
+from switchkd.cluster.config import ConfigError
+from switchkd.cluster.pipeline import run_pipeline, summary_lines
+from switchkd.rollout.data import prepare_default_data
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_models, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "default.jsonl"
+    prepare_default_data(data)
+    return [f"model.teacher={tiny_models['teacher']}", f"model.student={tiny_models['student']}",
+            "model.dtype=float32", f"data.prompts={data}", "rollout.max_new_tokens=16", "trainer.batch_size=4",
+            "trainer.micro_batch_size=2", "trainer.tensorboard=false"]
+
+
+def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overrides, tmp_path, clean_machine):
+    out = tmp_path / "run"
+    summary = run_pipeline(out, warmup_steps=2, distil_steps=2, eval_prompts=6, overrides=tiny_overrides,
+                           prepare=False, progress=False)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    warm, distil = (json.loads((out / s / "result.json").read_text()) for s in ("warmup", "distil"))
+    assert warm["steps"] == distil["steps"] == 2
+    assert f"model.student={warm['export']}" in distil["overrides"]       # distillation starts from the warm-up
+    assert set(summary["rouge_l"]) == {"teacher", "student before (warm-up)", "student after (SWITCH)"}
+    for scores in summary["rouge_l"].values():
+        assert set(scores) == {"greedy", "sampled"} and all(0 <= v <= 100 for v in scores.values())
+    assert 0 <= summary["teacher_fraction"] <= 1
+    rollouts = json.loads((out / "eval" / "student_after__SWITCH.json").read_text())["rollouts"]
+    assert rollouts["sequences"] == 2 * 4                                 # every distillation rollout counted
+    assert sorted(Path(p).name for p in summary["plots"]) == [
+        "loss.png", "rouge_l_before_after.png", "teacher_fraction_by_position.png"]
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
+    assert any(line.startswith("student after (SWITCH)") for line in summary_lines(summary))
+
+    metrics = (out / "distil" / "metrics.jsonl").read_text()
+    again = run_pipeline(out, warmup_steps=2, distil_steps=2, eval_prompts=6, overrides=tiny_overrides,
+                         prepare=False, progress=False)
+    assert again == summary and (out / "distil" / "metrics.jsonl").read_text() == metrics   # nothing retrained
+    with pytest.raises(ConfigError, match="other settings"):
+        run_pipeline(out, warmup_steps=3, distil_steps=2, eval_prompts=6, overrides=tiny_overrides, prepare=False,
+                     progress=False)
+
+
+def test_pipeline_cli_rejects_a_bad_step_count():
+    res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", "x", "--distil-steps", "0"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "--distil-steps: '0': must be a positive integer" in res.stderr
