@@ -1,18 +1,18 @@
 """Quality of every method at an equal budget: ROUGE-L on the held-out test split, over seeds.
 
-For each seed: one SFT warm-up of the layer-dropped student (as `switchkd pipeline`), then every
-configs/baselines/*.yaml method trains --steps steps from that warmed-up student (same steps,
-prompts per step, LR, loss, max_new_tokens: the baseline configs differ only in their "method"
-lines), and each result is evaluated (greedy and sampled) on --eval-prompts test prompts. The
-warmed-up student itself is evaluated too ("warm-up", the common starting point).
+One SFT warm-up of the layer-dropped student (as `switchkd pipeline`; or --warmup-from an existing
+one) is the common starting point; for each seed, every configs/baselines/*.yaml method trains
+--steps steps from it (same steps, prompts per step, LR, loss, max_new_tokens: the baseline
+configs differ only in their "method" lines), and each result is evaluated (greedy and sampled) on
+--eval-prompts test prompts. The warmed-up student itself is evaluated too ("warm-up").
 
-    python benchmarks/quality.py [--quick] [--seeds 3] [--steps 16] [--json benchmarks/results/quality.json]
+    python benchmarks/quality.py [--quick] [--seeds 3] [--steps 12] [--warmup-from DIR] [--json benchmarks/results/quality.json]
 
 Writes the JSON (per method: mean and standard deviation over seeds, overall and per
 reference-length bucket; the teacher-token fraction by position of the rollout methods) and PNG
 plots next to it (plots/quality_*.png). Runs go to --out; a run directory that already holds a
-complete stage reuses it (an interrupted benchmark continues). --quick: the tiny random pair, two
-methods' worth of steps, one seed (checks the machinery; its numbers mean nothing).
+complete stage reuses it (an interrupted benchmark continues). --quick: the tiny random pair, 2 steps,
+one seed (checks the machinery; its numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -31,19 +31,29 @@ METHODS = ("sft", "kd", "seqkd", "gkd", "skd", "switch-const", "switch-linear", 
 ROLLOUT_METHODS = ("seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
 
 
-def run_seed(seed: int, args, base: list[str]) -> dict[str, dict]:
-    """Warm-up, then every method from it; {method: eval report} for this seed."""
-    from switchkd.cluster.pipeline import WARMUP_CONFIG, WARMUP_LR, eval_stage, train_stage, training_overrides
+def warm_up(args, base: list[str]) -> str:
+    """The common starting point of every method: an SFT warm-up of the layer-dropped student
+    (seed 0, as `switchkd pipeline`), or the export given with --warmup-from."""
+    if args.warmup_from:
+        return args.warmup_from
+    from switchkd.cluster.pipeline import WARMUP_CONFIG, WARMUP_LR, train_stage, training_overrides
+
+    out = Path(args.out) / "warmup"
+    return train_stage(WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out), f"trainer.lr={WARMUP_LR}"],
+                       out, progress=False)["export"]
+
+
+def run_seed(seed: int, student: str, args, base: list[str]) -> dict[str, dict]:
+    """Every method for ``seed`` from the warmed-up ``student``; {method: eval report}."""
+    from switchkd.cluster.pipeline import eval_stage, train_stage, training_overrides
 
     out = Path(args.out) / f"seed{seed}"
-    warm = train_stage(WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, seed, out / "warmup"),
-                                       f"trainer.lr={WARMUP_LR}"], out / "warmup", progress=False)
     eval_overrides = [*base, "data.split=test", f"data.max_prompts={args.eval_prompts}", f"rollout.seed={seed}"]
     config = lambda method: str(REPO / "configs" / "baselines" / f"{method}.yaml")  # noqa: E731
-    reports = {"warm-up": eval_stage(config("sft"), eval_overrides, warm["export"], out / "eval" / "warm-up.json")}
+    reports = {"warm-up": eval_stage(config("sft"), eval_overrides, student, out / "eval" / "warm-up.json")}
     for method in args.methods:
         start = time.perf_counter()
-        run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, warm["export"])],
+        run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, student)],
                           out / method, progress=False)
         rollouts = sorted(str(p) for p in (out / method / "rollouts").glob("step_*.parquet"))
         reports[method] = eval_stage(config(method), eval_overrides, run["export"], out / "eval" / f"{method}.json",
@@ -99,8 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random pair, 2 steps, 1 seed (machinery check)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=16, help="training steps of every method")
+    parser.add_argument("--steps", type=int, default=12, help="training steps of every method")
     parser.add_argument("--warmup-steps", type=int, default=60)
+    parser.add_argument("--warmup-from", default=None, help="an existing warmed-up student export (skips the warm-up)")
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", default="runs/quality", help="run directories (complete stages are reused)")
@@ -118,10 +129,12 @@ def main() -> None:
 
     prepare_defaults()
     start = time.perf_counter()
-    per_seed = {seed: run_seed(seed, args, base) for seed in range(args.seeds)}
+    student = warm_up(args, base)
+    per_seed = {seed: run_seed(seed, student, args, base) for seed in range(args.seeds)}
     json_path = Path(args.json or ("benchmarks/results/quality.json" if not args.quick else Path(args.out) / "quality.json"))
     result = {"benchmark": "quality", "machine": machine_info(), "wall_seconds": time.perf_counter() - start,
               "config": {"seeds": args.seeds, "steps": args.steps, "warmup_steps": args.warmup_steps,
+                         "warmup_from": student,
                          "eval_prompts": args.eval_prompts, "methods": args.methods, "quick": args.quick,
                          "overrides": base},
               "methods": aggregate(per_seed), "plots": plot(per_seed, json_path.parent / "plots")}

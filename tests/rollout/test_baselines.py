@@ -49,13 +49,13 @@ def test_every_method_has_a_config_and_they_differ_only_in_the_method():
         assert cfg.data.prompts == "data/default.jsonl" and cfg.rollout.engine == "vllm"
         raw = to_dict(cfg)
         raw["rollout"]["switch"] = {k: v for k, v in raw["rollout"]["switch"].items()
-                                    if k not in ("rule", "schedule", "skd_topk", "decay")}
+                                    if k not in ("rule", "schedule", "skd_topk", "tau0", "decay")}
         raw["rollout"].pop("source")
         raw["trainer"].pop("output_dir")
         raw["trainer"].pop("sft_ratio")
         budgets[name] = raw
     first = budgets["switch-exp"]
-    assert first["trainer"]["max_steps"] and first["rollout"]["max_new_tokens"] == 128
+    assert first["trainer"]["max_steps"] and first["rollout"]["max_new_tokens"] == 64
     for name, raw in budgets.items():
         assert raw == first, f"configs/baselines/{name}.yaml: model, data or budget differs from switch-exp.yaml"
 
