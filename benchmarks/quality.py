@@ -43,7 +43,7 @@ def warm_up(args, base: list[str]) -> str:
                        out, progress=False)["export"]
 
 
-def run_seed(seed: int, student: str, args, base: list[str]) -> dict[str, dict]:
+def run_seed(seed: int, student: str, methods: list[str], args, base: list[str]) -> dict[str, dict]:
     """Every method for ``seed`` from the warmed-up ``student``; {method: eval report}."""
     from switchkd.cluster.pipeline import eval_stage, train_stage, training_overrides
 
@@ -51,7 +51,7 @@ def run_seed(seed: int, student: str, args, base: list[str]) -> dict[str, dict]:
     eval_overrides = [*base, "data.split=test", f"data.max_prompts={args.eval_prompts}", f"rollout.seed={seed}"]
     config = lambda method: str(REPO / "configs" / "baselines" / f"{method}.yaml")  # noqa: E731
     reports = {"warm-up": eval_stage(config("sft"), eval_overrides, student, out / "eval" / "warm-up.json")}
-    for method in args.methods:
+    for method in methods:
         start = time.perf_counter()
         run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, student)],
                           out / method, progress=False)
@@ -63,13 +63,31 @@ def run_seed(seed: int, student: str, args, base: list[str]) -> dict[str, dict]:
     return reports
 
 
+def seeds_of(method: str, args) -> int:
+    """How many seeds ``method`` runs: --seeds, or fewer where --method-seeds says so."""
+    limits = dict(item.split("=", 1) for item in args.method_seeds)
+    return min(args.seeds, int(limits.get(method, args.seeds)))
+
+
+def load_reports(out: Path) -> dict[int, dict[str, dict]]:
+    """Every complete evaluation under OUT/seed*/eval/ (what --aggregate-only summarises)."""
+    import json
+
+    per_seed = {}
+    for seed_dir in sorted(Path(out).glob("seed*"), key=lambda p: int(p.name[4:])):
+        found = {p.stem: json.loads(p.read_text()) for p in (seed_dir / "eval").glob("*.json")}
+        per_seed[int(seed_dir.name[4:])] = {m: found[m] for m in ("warm-up", *METHODS) if m in found}
+    return per_seed
+
+
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict:
-    """Per method: mean / std over seeds of ROUGE-L (overall, per bucket) and teacher fractions."""
-    methods = list(next(iter(per_seed.values())))
+    """Per method: mean / std over the seeds that ran it of ROUGE-L (overall, per bucket) and
+    teacher fractions; ``seeds`` lists them."""
     result = {}
-    for method in methods:
-        reports = [per_seed[s][method] for s in per_seed]
-        entry = {}
+    for method in _methods(per_seed):
+        seeds = [s for s in per_seed if method in per_seed[s]]
+        reports = [per_seed[s][method] for s in seeds]
+        entry = {"seeds": seeds}
         for mode in ("greedy", "sampled"):
             if mode not in reports[0]:
                 continue
@@ -86,6 +104,10 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict:
     return result
 
 
+def _methods(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    return [m for m in ("warm-up", *METHODS) if any(m in reports for reports in per_seed.values())]
+
+
 def _spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -96,8 +118,8 @@ def plot(per_seed: dict[int, dict[str, dict]], out_dir: Path) -> list[str]:
     fraction by position of the SWITCH runs."""
     from switchkd.cluster.plots import plot_rouge_by_bucket, plot_teacher_fraction
 
-    methods = list(next(iter(per_seed.values())))
-    reports = {m: [per_seed[s][m] for s in per_seed] for m in methods}
+    methods = _methods(per_seed)
+    reports = {m: [per_seed[s][m] for s in per_seed if m in per_seed[s]] for m in methods}
     paths = [plot_rouge_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png")]
     switch = {m: [r["rollouts"] for r in reports[m]] for m in methods if m.startswith("switch")}
     if switch:
@@ -114,6 +136,10 @@ def main() -> None:
     parser.add_argument("--warmup-from", default=None, help="an existing warmed-up student export (skips the warm-up)")
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--method-seeds", nargs="*", default=[], metavar="METHOD=N",
+                        help="run METHOD on the first N seeds only (e.g. skd=1: its rollouts are slow here)")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="train nothing: summarise the complete evaluations already under --out")
     parser.add_argument("--out", default="runs/quality", help="run directories (complete stages are reused)")
     parser.add_argument("--json", default=None, help="default: benchmarks/results/quality.json (quick: not written)")
     args = parser.parse_args()
@@ -125,18 +151,24 @@ def main() -> None:
         base = [f"model.teacher={tiny['teacher']}", f"model.student={tiny['student']}", "model.dtype=float32",
                 "rollout.max_new_tokens=16", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
         args.seeds, args.steps, args.warmup_steps, args.eval_prompts = 1, 2, 2, 8
-    from switchkd.cluster.pipeline import prepare_defaults
+    for item in args.method_seeds:
+        if item.count("=") != 1 or item.split("=")[0] not in METHODS or not item.split("=")[1].isdigit():
+            parser.error(f"--method-seeds {item}: expected METHOD=N with METHOD one of {', '.join(METHODS)}")
+    start, student = time.perf_counter(), args.warmup_from
+    if not args.aggregate_only:
+        from switchkd.cluster.pipeline import prepare_defaults
 
-    prepare_defaults()
-    start = time.perf_counter()
-    student = warm_up(args, base)
-    per_seed = {seed: run_seed(seed, student, args, base) for seed in range(args.seeds)}
+        prepare_defaults()
+        student = warm_up(args, base)
+        for seed in range(args.seeds):
+            run_seed(seed, student, [m for m in args.methods if seed < seeds_of(m, args)], args, base)
+    per_seed = load_reports(Path(args.out))
     json_path = Path(args.json or ("benchmarks/results/quality.json" if not args.quick else Path(args.out) / "quality.json"))
     result = {"benchmark": "quality", "machine": machine_info(), "wall_seconds": time.perf_counter() - start,
               "config": {"seeds": args.seeds, "steps": args.steps, "warmup_steps": args.warmup_steps,
                          "warmup_from": student,
                          "eval_prompts": args.eval_prompts, "methods": args.methods, "quick": args.quick,
-                         "overrides": base},
+                         "method_seeds": args.method_seeds, "overrides": base},
               "methods": aggregate(per_seed), "plots": plot(per_seed, json_path.parent / "plots")}
     write_json(result, str(json_path))
     print(table(result))
@@ -144,12 +176,12 @@ def main() -> None:
 
 def table(result: dict) -> str:
     """Markdown table: ROUGE-L mean +- std over seeds per method, longest bucket, teacher fraction."""
-    lines = ["| method | ROUGE-L greedy | ROUGE-L sampled | longest bucket (greedy) | teacher fraction |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | seeds | ROUGE-L greedy | ROUGE-L sampled | longest bucket (greedy) | teacher fraction |",
+             "|---|---|---|---|---|---|"]
     for method, entry in result["methods"].items():
         greedy, sampled = entry["greedy"], entry.get("sampled")
         bucket, longest = list(greedy["rougeL_by_reference_length"].items())[-1]
-        cells = [f"{greedy['rougeL']['mean']:.2f} ± {greedy['rougeL']['std']:.2f}",
+        cells = [str(len(entry["seeds"])), f"{greedy['rougeL']['mean']:.2f} ± {greedy['rougeL']['std']:.2f}",
                  f"{sampled['rougeL']['mean']:.2f} ± {sampled['rougeL']['std']:.2f}" if sampled else "-",
                  f"[{bucket}] {longest['mean']:.2f} ± {longest['std']:.2f}",
                  f"{entry['teacher_fraction']['mean']:.3f}" if "teacher_fraction" in entry else "-"]

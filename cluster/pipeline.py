@@ -48,7 +48,8 @@ def training_overrides(steps: int, seed: int, out_dir: Path, student: str | None
 
 
 def train_stage(config: str, overrides: list[str], out_dir: Path, progress: bool = True) -> dict:
-    """One closed-loop training run (skipped when OUT_DIR/result.json says it is complete)."""
+    """One closed-loop training run: skipped when OUT_DIR/result.json says it is complete, resumed
+    from its last checkpoint when it was interrupted."""
     done = _load_result(out_dir)
     if done is not None:
         if (done.get("config"), done.get("overrides")) != (config, overrides):
@@ -57,9 +58,11 @@ def train_stage(config: str, overrides: list[str], out_dir: Path, progress: bool
         log.info("%s: complete, skipped (%s)", out_dir, done.get("export"))
         return done
     from switchkd.cluster.driver import train
+    from switchkd.trainer.checkpoint import latest_checkpoint
 
     cfg = load_config(config, overrides)
-    result = {"config": config, "overrides": overrides, **train(cfg, progress=progress)}
+    resume = latest_checkpoint(cfg.trainer.output_dir) is not None   # an interrupted stage continues
+    result = {"config": config, "overrides": overrides, **train(cfg, resume=resume, progress=progress)}
     _save_result(out_dir, result)
     return result
 

@@ -57,3 +57,15 @@ def test_pipeline_cli_rejects_a_bad_step_count():
     res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", "x", "--distil-steps", "0"],
                          capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and "--distil-steps: '0': must be a positive integer" in res.stderr
+
+
+@pytest.mark.slow
+def test_make_run_pipeline_on_the_default_real_pair(tmp_path):
+    """What `make run` runs (default SmolLM2 pair and data), with a few steps per stage."""
+    res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", str(tmp_path / "run"),
+                          "--warmup-steps", "2", "--distil-steps", "2", "--eval-prompts", "8"],
+                         capture_output=True, text=True, cwd=REPO, timeout=3600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rouge_l"]["teacher"]["greedy"] > 0      # the real teacher answers in words of the references
+    assert "student after (SWITCH)" in res.stdout and len(summary["plots"]) == 3
