@@ -33,7 +33,7 @@ tiny-models: models/tiny/teacher/config.json
 run: install
 	$(VENV)/bin/switchkd pipeline --out runs/default-$(shell date +%Y%m%d-%H%M%S)
 
-test: install
+test: install trl-venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: install
