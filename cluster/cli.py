@@ -14,7 +14,7 @@ from switchkd.cluster.placement import ClusterError
 from switchkd.rollout.weight_sync import WeightSyncError
 from switchkd.trainer.ds_config import TrainerError
 
-PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 30, "eval_prompts": 96}
+PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64}
 
 # Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
