@@ -116,11 +116,12 @@ def _spread(values: list[float]) -> dict:
 def plot(per_seed: dict[int, dict[str, dict]], out_dir: Path) -> list[str]:
     """ROUGE-L per method (error bars over seeds), by reference-length bucket, and the teacher
     fraction by position of the SWITCH runs."""
-    from switchkd.cluster.plots import plot_rouge_by_bucket, plot_teacher_fraction
+    from switchkd.cluster.plots import plot_rouge_by_bucket, plot_rouge_by_method, plot_teacher_fraction
 
     methods = _methods(per_seed)
     reports = {m: [per_seed[s][m] for s in per_seed if m in per_seed[s]] for m in methods}
-    paths = [plot_rouge_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png")]
+    paths = [plot_rouge_by_method(reports, out_dir / "quality_rouge_l_by_method.png"),
+             plot_rouge_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png")]
     switch = {m: [r["rollouts"] for r in reports[m]] for m in methods if m.startswith("switch")}
     if switch:
         paths.append(plot_teacher_fraction(switch, out_dir / "quality_teacher_fraction_by_position.png"))

@@ -47,7 +47,7 @@ def plot_rouge_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode:
                for b in r[mode]["rougeL_by_reference_length"]}
     buckets = ["all", *(b for b in bucket_labels() if b in present)]
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(buckets) * len(labels) * 0.4), 3.8))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.25 * len(buckets) * len(labels))), 3.8))
     for i, label in enumerate(labels):
         runs = reports[label] if isinstance(reports[label], list) else [reports[label]]
         values = [[r[mode]["rougeL"], *(r[mode]["rougeL_by_reference_length"].get(b, {}).get("rougeL", float("nan"))
@@ -57,6 +57,19 @@ def plot_rouge_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode:
                capsize=2, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(buckets))], buckets)
     ax.set(xlabel="reference length (tokens)", ylabel=f"ROUGE-L ({mode})", title="ROUGE-L on the test split")
+    return _save(fig, ax, out)
+
+
+def plot_rouge_by_method(reports: dict[str, list[dict]], out: Path) -> Path:
+    """ROUGE-L per label, greedy and sampled, mean over its reports (seeds) with std error bars."""
+    labels, modes = list(reports), ("greedy", "sampled")
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 3.8))
+    for i, mode in enumerate(modes):
+        stats = [_mean_err([[r[mode]["rougeL"]] for r in reports[label] if mode in r]) for label in labels]
+        ax.bar([x + i * 0.4 for x in range(len(labels))], [m[0] for m, _ in stats], 0.4,
+               yerr=[e[0] for _, e in stats], capsize=3, label=mode)
+    ax.set_xticks([x + 0.2 for x in range(len(labels))], labels, rotation=30)
+    ax.set(ylabel="ROUGE-L", title="ROUGE-L on the test split (mean, std over seeds)")
     return _save(fig, ax, out)
 
 

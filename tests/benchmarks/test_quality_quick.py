@@ -24,5 +24,5 @@ def test_quality_quick_covers_every_method(tmp_path):
         assert ("teacher_fraction" in entry) == (method in ("seqkd", "gkd", "skd") or method.startswith("switch"))
     assert result["methods"]["seqkd"]["teacher_fraction"]["mean"] == 1.0     # the teacher writes every token
     assert result["methods"]["gkd"]["teacher_fraction"]["mean"] == 0.0       # the student writes every token
-    assert all(Path(p).is_file() for p in result["plots"]) and len(result["plots"]) == 2
+    assert all(Path(p).is_file() for p in result["plots"]) and len(result["plots"]) == 3
     assert "| switch-exp |" in res.stdout
