@@ -90,6 +90,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     from switchkd.cluster.plots import plot_loss, plot_rouge_by_bucket, plot_teacher_fraction
 
     out, distil_config, overrides = Path(out), distil_config or DISTIL_CONFIG, list(overrides)
+    teacher = load_config(distil_config, overrides).model.teacher   # a bad config fails before any training
     if prepare:
         prepare_defaults()
     warm = train_stage(WARMUP_CONFIG, [*overrides, *training_overrides(warmup_steps, seed, out / "warmup"),
@@ -98,7 +99,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
                                                                          warm["export"])], out / "distil", progress)
     eval_overrides = [*overrides, "data.split=test", f"data.max_prompts={eval_prompts}", f"rollout.seed={seed}"]
     rollouts = sorted(str(p) for p in (out / "distil" / "rollouts").glob("step_*.parquet"))
-    models = {"teacher": load_config(distil_config, overrides).model.teacher, "student before (warm-up)": warm["export"],
+    models = {"teacher": teacher, "student before (warm-up)": warm["export"],
               "student after (SWITCH)": distil["export"]}
     reports = {name: eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
                                 rollouts if "after" in name else ())

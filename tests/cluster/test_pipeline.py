@@ -59,6 +59,13 @@ def test_pipeline_cli_rejects_a_bad_step_count():
     assert res.returncode == 2 and "--distil-steps: '0': must be a positive integer" in res.stderr
 
 
+def test_pipeline_checks_its_config_before_training(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", str(tmp_path / "run"),
+                          "--distil-config", str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and res.stderr.strip().endswith(f"config file {tmp_path / 'missing.yaml'} does not exist")
+    assert not (tmp_path / "run").exists()                                # nothing prepared or trained
+
+
 @pytest.mark.slow
 def test_make_run_pipeline_on_the_default_real_pair(tmp_path):
     """What `make run` runs (default SmolLM2 pair and data), with a few steps per stage."""
