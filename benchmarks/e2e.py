@@ -208,6 +208,21 @@ def run(args) -> dict:
     return report
 
 
+def ensure_models(models: str) -> None:
+    """Build the pair the config names when it is missing (what `make tiny-models` or
+    `switchkd models prepare` would do), so the benchmark runs on a fresh clone."""
+    if (REPO / "models" / ("tiny" if models == "tiny" else "smollm2-135m-instruct")).is_dir():
+        return
+    if models == "tiny":
+        from switchkd.rollout.tiny_models import build_tiny_models
+
+        build_tiny_models(REPO / "models" / "tiny", seed=0)
+    else:
+        from switchkd.rollout.real_models import prepare_default_models
+
+        prepare_default_models(REPO / "models")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny pair, 4 steps, switch + trl (no targets)")
@@ -231,6 +246,7 @@ def main(argv=None) -> int:
     args.steps, args.warmup = args.steps or 12, args.warmup or 2
     if not 1 <= args.warmup <= args.steps - 2:
         parser.error("need 1 <= --warmup <= --steps - 2 (the last step has no rollout ahead of it)")
+    ensure_models(args.models)
     report = run(args)
     write_json(report, args.json)
     return 1 if report["errors"] else 0
