@@ -45,7 +45,7 @@ def warm_up(args, base: list[str]) -> str:
 
 def run_seed(seed: int, student: str, methods: list[str], args, base: list[str]) -> dict[str, dict]:
     """Every method for ``seed`` from the warmed-up ``student``; {method: eval report}."""
-    from switchkd.cluster.pipeline import eval_stage, train_stage, training_overrides
+    from switchkd.cluster.pipeline import eval_stage, saved_rollouts, train_stage, training_overrides
 
     out = Path(args.out) / f"seed{seed}"
     eval_overrides = [*base, "data.split=test", f"data.max_prompts={args.eval_prompts}", f"rollout.seed={seed}"]
@@ -55,7 +55,7 @@ def run_seed(seed: int, student: str, methods: list[str], args, base: list[str])
         start = time.perf_counter()
         run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, student)],
                           out / method, progress=False)
-        rollouts = sorted(str(p) for p in (out / method / "rollouts").glob("step_*.parquet"))
+        rollouts = saved_rollouts(out / method)
         reports[method] = eval_stage(config(method), eval_overrides, run["export"], out / "eval" / f"{method}.json",
                                      rollouts if method in ROLLOUT_METHODS else ())
         print(f"seed {seed} {method}: ROUGE-L greedy {reports[method]['greedy']['rougeL']:.2f} "

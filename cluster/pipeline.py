@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from switchkd.cluster.config import ConfigError, load_config
-from switchkd.rollout.schema import write_atomic
+from switchkd.rollout.evaluate import write_report
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def eval_stage(config: str, overrides: list[str], model_dir: str, out_json: Path
     """ROUGE-L of ``model_dir`` on the config's data split (skipped when OUT_JSON exists)."""
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval, write_report
+    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval
 
     cfg = load_config(config, overrides)
     report = run_eval(cfg.model, cfg.data, cfg.rollout, model_dir)
@@ -98,7 +98,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     distil = train_stage(distil_config, [*overrides, *training_overrides(distil_steps, seed, out / "distil",
                                                                          warm["export"])], out / "distil", progress)
     eval_overrides = [*overrides, "data.split=test", f"data.max_prompts={eval_prompts}", f"rollout.seed={seed}"]
-    rollouts = sorted(str(p) for p in (out / "distil" / "rollouts").glob("step_*.parquet"))
+    rollouts = saved_rollouts(out / "distil")
     models = {"teacher": teacher, "student before (warm-up)": warm["export"],
               "student after (SWITCH)": distil["export"]}
     reports = {name: eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
@@ -116,8 +116,13 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
                "rouge_l": {name: {mode: r[mode]["rougeL"] for mode in ("greedy", "sampled") if mode in r}
                            for name, r in reports.items()},
                "plots": sorted(str(p) for p in plots.glob("*.png"))}
-    write_atomic(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
+    write_report(summary, out / "summary.json")
     return summary
+
+
+def saved_rollouts(run_dir: Path) -> list[str]:
+    """The rollout Parquet files a training stage saved (RUN_DIR/rollouts/step_N.parquet), in order."""
+    return sorted(str(p) for p in (Path(run_dir) / "rollouts").glob("step_*.parquet"))
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -140,4 +145,4 @@ def _load_result(out_dir: Path) -> dict | None:
 
 
 def _save_result(out_dir: Path, result: dict) -> None:
-    write_atomic(Path(out_dir) / "result.json", lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    write_report(result, Path(out_dir) / "result.json")
