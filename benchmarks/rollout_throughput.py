@@ -6,7 +6,10 @@ Same prompts, same models, one run; each method is warmed up, then timed over --
 
 floor = the student decoding every response token with full-vocab log-probs plus ONE
 teacher prefill scoring the same tokens (both on the fast path): what any exact SWITCH
-rollout must at least do. The HF reference runs in a separate process, because a vLLM
+rollout must at least do when the student owns its tokens. floor_teacher_drafts is its
+mirror (the teacher decodes, the student scores): the least work when the teacher owns
+them, as with an untrained student. --student runs another student (e.g. a warmed-up
+one, whose ownership is mixed) against the pair's teacher. The HF reference runs in a separate process, because a vLLM
 CPU engine pins the torch threads of its own process.
 
 Ratios: block_over_stepwise (target >= 5), floor_over_block (floor tokens/s over block
@@ -77,9 +80,12 @@ def run(args) -> dict:
     from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
 
     teacher_dir, student_dir, dtype = _models(args.models)
+    student_dir = args.student or student_dir
     prompts, eos = _prompts(teacher_dir, args.prompts, seed=0)
     cfg = RolloutConfig(engine="vllm", temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                         batch_size=len(prompts))
+    if args.tau0 is not None:
+        cfg = dataclasses.replace(cfg, switch=dataclasses.replace(cfg.switch, tau0=args.tau0))
     # HF first, in its own process, before any engine pins this process's threads.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -103,16 +109,19 @@ def run(args) -> dict:
             results[mode] = {"tokens": tokens, **stats(times), "teacher_fraction": _teacher_fraction(seqs)}
             lengths = lengths or [len(s.response_ids) for s in seqs]
 
-        def floor():
+        def floor(drafter, scorer):
             ids = [p.token_ids for p in prompts]
-            drafts = student.decode_async(ids, lengths, temperature=cfg.temperature, seeds=[p.seed for p in prompts],
+            drafts = drafter.decode_async(ids, lengths, temperature=cfg.temperature, seeds=[p.seed for p in prompts],
                                           positions=[0] * len(prompts), stop_token_ids=[]).result()
             seqs = [i + d.token_ids.tolist() for i, d in zip(ids, drafts)]
-            teacher.score_async(seqs, [len(i) for i in ids]).result()
+            scorer.score_async(seqs, [len(i) for i in ids]).result()
             return sum(len(d.token_ids) for d in drafts)
 
-        floor()
-        floor_times, floor_tokens = timed(floor, args.repeats)
+        floors = {}
+        for name, pair in (("floor", (student, teacher)), ("floor_teacher_drafts", (teacher, student))):
+            floor(*pair)
+            times, tokens = timed(lambda: floor(*pair), args.repeats)
+            floors[name] = {"tokens": tokens, **stats(times)}
     finally:
         teacher.shutdown()
         student.shutdown()
@@ -120,19 +129,21 @@ def run(args) -> dict:
     tps = lambda tokens, s: tokens / s["median_s"]
     block_tps = tps(results["block"]["tokens"], results["block"])
     step_tps = tps(results["stepwise"]["tokens"], results["stepwise"])
-    hf_stats, floor_stats = stats(hf_times), stats(floor_times)
-    hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floor_tokens, floor_stats)
+    hf_stats = stats(hf_times)
+    hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floors["floor"]["tokens"], floors["floor"])
+    mirror_tps = tps(floors["floor_teacher_drafts"]["tokens"], floors["floor_teacher_drafts"])
     return {
         "benchmark": "rollout_throughput", "machine": machine_info(),
-        "config": {"models": args.models, "dtype": dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "config": {"models": args.models, "student": student_dir, "dtype": dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "temperature": args.temperature, "tau0": cfg.switch.tau0, "decay": cfg.switch.decay,
                    "schedule": cfg.switch.schedule, "repeats": args.repeats},
         "tokens": results["block"]["tokens"],
         "block": results["block"], "stepwise": results["stepwise"],
-        "hf": {"tokens": hf_tokens, **hf_stats}, "floor": {"tokens": floor_tokens, **floor_stats},
+        "hf": {"tokens": hf_tokens, **hf_stats}, **floors,
         "block_tokens_per_s": block_tps, "stepwise_tokens_per_s": step_tps,
-        "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps,
+        "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps, "floor_teacher_drafts_tokens_per_s": mirror_tps,
         "block_over_stepwise": block_tps / step_tps, "floor_over_block": floor_tps / block_tps,
+        "floor_teacher_drafts_over_block": mirror_tps / block_tps,
         "block_over_hf": block_tps / hf_tps,
     }
 
@@ -146,9 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, few prompts (seconds; no targets)")
     parser.add_argument("--models", choices=("tiny", "smollm2"), default="tiny")
+    parser.add_argument("--student", help="another student (HF dir, e.g. a run's warmup/export) with the pair's teacher")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--tau0", type=float, help="SWITCH threshold at t = 0 (default: rollout.switch.tau0's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()

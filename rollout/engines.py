@@ -34,6 +34,9 @@ class _Done:
     def __init__(self, value):
         self.value = value
 
+    def done(self) -> bool:
+        return True
+
     def result(self):
         return self.value
 
@@ -42,13 +45,33 @@ class _Both:
     def __init__(self, first, second):
         self.first, self.second = first, second
 
+    def done(self) -> bool:
+        return self.first.done() and self.second.done()
+
     def result(self):
         return self.first.result(), self.second.result()
+
+
+class _Keyed:
+    def __init__(self, both, decode_keys, score_keys):
+        self.both, self.keys = both, (decode_keys, score_keys)
+
+    def done(self) -> bool:
+        return self.both.done()
+
+    def result(self):
+        drafts, rows = self.both.result()
+        return dict(zip(self.keys[0], drafts)), dict(zip(self.keys[1], rows))
 
 
 class _RayPending:
     def __init__(self, ref):
         self.ref = ref
+
+    def done(self) -> bool:
+        import ray
+
+        return bool(ray.wait([self.ref], timeout=0)[0])
 
     def result(self, timeout: float | None = ACTOR_CALL_TIMEOUT_S):
         import ray
@@ -135,14 +158,20 @@ class EngineHandle:
                     raise TimeoutError(f"engine did not come back within {timeout_s:.0f} s: {e}") from None
                 time.sleep(1.0)
 
-    def step_async(self, decode: dict | None, score: dict | None):
-        """Drafting for some sequences and scoring others' drafts in one engine call."""
-        if self.actor is not None or hasattr(self.engine, "step"):
-            return self._call("step", decode, score)
-        # An engine without a fused step (a server teacher): two calls, run concurrently.
-        pending = (self.decode_async(**decode) if decode else _Done([]),
-                   self.score_async(**score) if score else _Done([]))
-        return _Both(*pending)
+    def advance_async(self, decode: dict | None, score: dict | None):
+        """One continuous-batching call (VLLMEngine.advance). An engine without one (a server
+        teacher) runs both batches to completion, concurrently, with the same result shape."""
+        if self.actor is not None or hasattr(self.engine, "advance"):
+            return self._call("advance", decode, score)
+        strip = lambda request: {k: v for k, v in request.items() if k != "keys"}
+        pending = (self.decode_async(**strip(decode)) if decode else _Done([]),
+                   self.score_async(**strip(score)) if score else _Done([]))
+        return _Keyed(_Both(*pending), decode["keys"] if decode else [], score["keys"] if score else [])
+
+    def abort_all(self) -> None:
+        """Drop the requests a stopped rollout left running in the engine (none for a server)."""
+        if self.actor is not None or hasattr(self.engine, "abort_all"):
+            self.call("abort_all")
 
     def shutdown(self) -> None:
         if self.actor is not None:

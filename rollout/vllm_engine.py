@@ -14,6 +14,7 @@ All full-vocab data comes through ``vllm_fastpath`` (no sort, no per-token Pytho
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -148,6 +149,8 @@ class VLLMEngine:
         # Diagnostics of the last score() call: prefix-cache hits per sequence, and which
         # sequences were scored again without reading the cache.
         self.last_score_stats: dict = {"num_cached_tokens": [], "rescored": []}
+        self._inflight: dict[str, tuple] = {}  # request id -> (kind, caller key, request) of advance()
+        self._request_ids = itertools.count()
 
     # ------------------------------------------------------------------ properties / admin
 
@@ -224,19 +227,79 @@ class VLLMEngine:
     ) -> list[DecodeResult]:
         """Continue every prompt (one batched call). Token t of prompt i (t counted from
         ``positions[i]``) is ``switch.sample_token(logprobs_row, temperature, seeds[i], t)``."""
-        decoded, _ = self.step(dict(prompts=prompts, max_tokens=max_tokens, temperature=temperature, seeds=seeds,
-                                    positions=positions, stop_token_ids=stop_token_ids), None)
-        return decoded
+        todo_prompts, params, todo, results = self._decode_requests(
+            prompts, max_tokens, temperature=temperature, seeds=seeds, positions=positions,
+            stop_token_ids=stop_token_ids)
+        if todo:
+            self._decode_collect(results, todo, self._generate(todo_prompts, params))
+        return results
 
-    def step(self, decode: dict | None, score: dict | None) -> tuple[list[DecodeResult], list[np.ndarray]]:
-        """Serve a decode batch and a score batch (keyword arguments of ``decode`` / ``score``)
-        in ONE generate call, so drafting for some sequences and verifying others' drafts
-        share engine steps. Returns (decode results, score rows)."""
-        d_prompts, d_params, d_todo, d_results = self._decode_requests(**decode) if decode else ([], [], [], [])
-        s_prompts, s_params = self._score_requests(**score, read_cache=True) if score else ([], [])
-        outs = self._generate(d_prompts + s_prompts, d_params + s_params) if d_prompts or s_prompts else []
-        self._decode_collect(d_results, d_todo, outs[: len(d_prompts)])
-        return d_results, (self._score_collect(score, outs[len(d_prompts):]) if score else [])
+    # ------------------------------------------------------------------ continuous batching
+
+    def advance(self, decode: dict | None, score: dict | None) -> tuple[dict, dict]:
+        """Continuous batching across calls (block-speculative SWITCH). Add the decode and score
+        requests (``decode`` / ``score`` keyword arguments plus ``keys``, one caller key per
+        request), then run engine steps until at least one request of this engine finishes, or
+        none is left. Requests still running stay in the engine and go on at the next call, so a
+        long draft never holds back the others. Returns ({key: DecodeResult}, {key: score rows})
+        of the requests that finished, each exactly what ``decode`` / ``score`` would return."""
+        if self._closed:
+            raise RuntimeError("VLLMEngine is shut down")
+        drafts: dict = {}
+        scores: dict = {}
+        if decode:
+            decode = dict(decode)
+            keys = decode.pop("keys")
+            prompts, params, todo, results = self._decode_requests(**decode)
+            for i, result in enumerate(results):
+                if result is not None:  # max_tokens == 0: nothing to run
+                    drafts[keys[i]] = result
+            for i, prompt, param in zip(todo, prompts, params):
+                self._add(("decode", keys[i], None), prompt, param)
+        if score:
+            for key, seq, start in zip(score["keys"], score["sequences"], score["starts"]):
+                self._add_score(key, seq, start, read_cache=True)
+        engine = self.llm.llm_engine
+        while not (drafts or scores) and self._inflight:
+            for out in engine.step():
+                if out.finished:
+                    self._finish(self._inflight.pop(out.request_id), out, drafts, scores)
+        return drafts, scores
+
+    def abort_all(self) -> None:
+        """Drop every request ``advance`` left running (a rollout that stopped half way)."""
+        if self._inflight:
+            self.llm.llm_engine.abort_request(list(self._inflight))
+            self._inflight.clear()
+
+    def _add(self, tag: tuple, prompt, params) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        request_id = f"switchkd-{next(self._request_ids)}"
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self.llm.llm_engine.add_request(
+            request_id, self.llm._preprocess_cmpl_one({"prompt_token_ids": [int(t) for t in prompt]}, None), params)
+        self._inflight[request_id] = tag
+
+    def _add_score(self, key, sequence, start: int, read_cache: bool) -> None:
+        (prompt,), (params,) = self._score_requests([sequence], [start], read_cache=read_cache)
+        self._add(("score", key, (sequence, start, read_cache)), prompt, params)
+
+    def _finish(self, tag: tuple, out, drafts: dict, scores: dict) -> None:
+        kind, key, request = tag
+        if kind == "decode":
+            results = [None]
+            self._decode_collect(results, [0], [out])
+            drafts[key] = results[0]
+            return
+        sequence, start, read_cache = request
+        results = [None]
+        if not self._score_rows(results, [sequence], [start], [0], [out], read_cache=read_cache):
+            scores[key] = results[0]
+        elif read_cache:  # the cached prefix covered a needed row: score it again without the cache
+            self._add_score(key, sequence, start, read_cache=False)
+        else:
+            raise RuntimeError(f"prompt log-probs missing for a sequence of {len(sequence)} tokens without the prefix cache")
 
     def _decode_requests(self, prompts, max_tokens, *, temperature, seeds, positions, stop_token_ids):
         from vllm import SamplingParams
@@ -301,9 +364,10 @@ class VLLMEngine:
     def _score_collect(self, request: dict, outs, *, read_cache: bool = True) -> list[np.ndarray]:
         sequences, starts = request["sequences"], request["starts"]
         results: list[np.ndarray | None] = [None] * len(sequences)
-        self.last_score_stats = {"num_cached_tokens": [0] * len(sequences), "rescored": []}
-        retry = self._score_rows(results, sequences, starts, range(len(sequences)), outs, read_cache=read_cache)
-        self.last_score_stats["rescored"] = list(retry)
+        cached = [0] * len(sequences)
+        retry = self._score_rows(results, sequences, starts, range(len(sequences)), outs, read_cache=read_cache,
+                                 cached=cached if read_cache else None)
+        self.last_score_stats = {"num_cached_tokens": cached, "rescored": list(retry)}
         if retry:
             if not read_cache:
                 raise RuntimeError(f"prompt log-probs missing for sequences {retry} without the prefix cache")
@@ -313,8 +377,9 @@ class VLLMEngine:
                 raise RuntimeError(f"prompt log-probs missing for sequences {left} even without the prefix cache")
         return results  # type: ignore[return-value]
 
-    def _score_rows(self, results, sequences, starts, idx, outs, *, read_cache: bool) -> list[int]:
-        """Fill results[i] for i in idx from outs; returns the indices whose rows were not computed."""
+    def _score_rows(self, results, sequences, starts, idx, outs, *, read_cache: bool, cached=None) -> list[int]:
+        """Fill results[i] for i in idx from outs; returns the indices whose rows were not computed.
+        ``cached[i]``, when given, receives the prefix-cache hit of sequence i."""
         V = self._vocab_size
         missing = []
         for i, out in zip(idx, outs):
@@ -323,10 +388,10 @@ class VLLMEngine:
             if not isinstance(plp, self._fastpath.FullVocabPromptLogprobs):
                 raise RuntimeError(f"fast log-prob path not active (got {type(plp).__name__})")
             # Rows inside the cached prefix are never computed (ENVIRONMENT.md).
-            cached = int(out.num_cached_tokens or 0)
-            if read_cache:
-                self.last_score_stats["num_cached_tokens"][i] = cached
-            first = max(plp.first_position, cached + 1)
+            hit = int(out.num_cached_tokens or 0)
+            if cached is not None:
+                cached[i] = hit
+            first = max(plp.first_position, hit + 1)
             if a < len(s) and first > a:
                 missing.append(i)
                 continue

@@ -7,21 +7,28 @@ last token (the student at the start). Per sequence, one block is:
   2. the other model scores prefix + draft in one prefill (prefix cache on), giving
      its distributions at the same positions;
   3. walking the block, d_j, tau_j and owner_j are computed exactly as the reference
-     does; the first position owned by the other model ends the block with that
-     model's token (drawn from its distribution, already in hand); later draft tokens
-     are dropped and the other model drafts from there.
+     does; the block ends at the first position whose owner's draw differs from the drafted
+     token, with that owner's token (drawn from its distribution, already in hand); later
+     draft tokens are dropped and that model drafts from there. A position the other model
+     owns whose draw equals the drafted token does not end the block: the prefix is the
+     same, so the draft's later rows and the scorer's rows along it are still the exact
+     ones (both models draw with the same noise, so this is common where they agree).
 
-The engines take turns, and each turn is ONE batched engine call that drafts for the
-sequences this engine drafts for and scores the drafts the other engine made in the
-previous turn, so no sequence waits for a whole-batch round and each block costs two
-engine calls, not four.
+The engines take turns with continuous batching (VLLMEngine.advance): each call adds the
+drafts and scorings that became due and returns as soon as some of that engine's
+requests finish; the others stay in the engine and go on at its next call. So no
+sequence waits for another's long draft, and each block costs one draft and one score
+request, not a whole-batch round. With Ray actor engines the two engines step
+concurrently (an engine's call is collected only when its turn comes again). After a
+fully accepted block the scorer's distribution at the next position is already in hand
+(the last row of its score), so its next score starts one row later and never depends
+on what the prefix cache kept.
 
 Tokens are a pure function of (owner distribution, seed, position) (switch.py), and
 the engine's logits processor draws drafted tokens with that same function, so block
 mode reproduces the token-by-token process exactly: same tokens, owners and, under
 sampling, the same draws. k adapts per sequence and per drafter: doubled after a
-fully accepted block, shrunk towards the observed run length after a switch, and
-capped per call at the group's median so one long draft does not hold the batch.
+fully accepted block, shrunk towards the observed run length after a switch.
 
 Stepwise mode asks both engines for one next-token distribution per round trip: the
 obviously-correct twin and the benchmark's comparison point.
@@ -32,7 +39,7 @@ student drafts every block. Under ``skd`` a student draft is its proposals (same
 and a teacher draft is drawn with the teacher's own key (OwnerRule.draw_seed), so either
 model can draft: a student block ends at the first proposal outside the teacher's top-k,
 a teacher block at the first position where the student's proposal (from its scored
-row) is inside it. The drafter follows the last owner, as in SWITCH, which keeps blocks
+row) is inside it (in both cases unless the owner's draw is the drafted token). The drafter follows the last owner, as in SWITCH, which keeps blocks
 long both for a good student (few replacements) and an untrained one (few acceptances).
 """
 from __future__ import annotations
@@ -52,10 +59,13 @@ from switchkd.rollout.sequences import Prompt, SequenceBuilder
 class _State:
     """Block-mode bookkeeping of one sequence: who drafts next and how far."""
 
-    def __init__(self, seq: SequenceBuilder, k: int, drafter: int):
-        self.seq = seq
+    def __init__(self, key: int, seq: SequenceBuilder, k: int, drafter: int):
+        self.key, self.seq = key, seq  # key: the sequence's index in its batch (engine request key)
         self.drafter = drafter
         self.draft = None          # the drafter's DecodeResult awaiting the other model's scores
+        self.running = False       # a draft or score request of this sequence is in an engine
+        self.known = None          # (model, its next-token row at the current position) when in hand
+        self.known_used = None     # the known row the score request in flight relies on
         self.k = {switch.STUDENT: k, switch.TEACHER: k}
 
     @property
@@ -69,7 +79,8 @@ class VLLMSwitchGenerator:
     def __init__(self, model: ModelConfig, rollout: RolloutConfig, eos_ids: set[int], engines=None):
         self.cfg, self.eos_ids = rollout, eos_ids
         self.teacher, self.student = engines or start_engines(model, rollout)
-        self.engine_calls = 0
+        self.engine_calls = 0  # engine calls (round trips) so far
+        self.drafts = 0        # block mode: draft requests (blocks) so far
         self.rule = switch.OwnerRule(rollout.switch, rollout.temperature)
 
     def shutdown(self) -> None:
@@ -101,43 +112,88 @@ class VLLMSwitchGenerator:
 
     # -- block-speculative ---------------------------------------------------------------
     def _block_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:
-        """Alternate the engines; each call drafts for the sequences it drafts for and scores
-        the drafts the other engine just made, in one batched engine call."""
-        states = [_State(s, self.cfg.draft_tokens, self.rule.first_drafter) for s in seqs]
+        """Give each engine, in turn, the drafts and scorings that became due; a call returns as
+        soon as some of that engine's requests finish (continuous batching). An engine's call
+        is collected only when its turn comes again, so Ray actor engines step concurrently; an
+        in-process call is already done when submitted and is collected at once."""
+        states = [_State(i, s, self.cfg.draft_tokens, self.rule.first_drafter) for i, s in enumerate(seqs)]
         engines = {switch.STUDENT: self.student, switch.TEACHER: self.teacher}
-        turn = switch.STUDENT
-        while active := [st for st in states if not st.seq.done]:
-            drafting = [st for st in active if st.draft is None and st.drafter == turn]
-            scoring = [st for st in active if st.draft is not None and st.drafter != turn]
-            if drafting or scoring:
-                score = dict(sequences=[st.ids + st.draft.token_ids.tolist() for st in scoring],
-                             starts=[len(st.ids) for st in scoring]) if scoring else None
-                drafts, rows = engines[turn].step_async(self._draft_request(drafting), score).result()
-                for st, draft in zip(drafting, drafts):
-                    st.draft = draft
-                for st, block in zip(scoring, rows):
-                    draft, st.draft = st.draft, None
-                    on_tokens(self._walk_block(st, draft, torch.from_numpy(block)))
-                self.engine_calls += 1
-            turn = 1 - turn
+        running = {switch.STUDENT: 0, switch.TEACHER: 0}   # requests in each engine
+        pending = {switch.STUDENT: None, switch.TEACHER: None}
+
+        def collect(turn: int) -> None:
+            drafts, rows = pending[turn].result()
+            pending[turn] = None
+            running[turn] -= len(drafts) + len(rows)
+            for key, draft in drafts.items():
+                states[key].running, states[key].draft = False, draft
+            for key, block in rows.items():
+                st = states[key]
+                block = torch.from_numpy(block)
+                if st.known_used is not None:
+                    block = torch.cat([st.known_used[None], block])
+                draft, st.draft, st.running, st.known_used = st.draft, None, False, None
+                on_tokens(self._walk_block(st, draft, block))
+
+        try:
+            while any(not st.seq.done for st in states):
+                for turn in (switch.STUDENT, switch.TEACHER):
+                    if pending[turn] is not None:
+                        collect(turn)
+                    idle = [st for st in states if not st.seq.done and not st.running]
+                    drafting = [st for st in idle if st.draft is None and st.drafter == turn]
+                    scoring = [st for st in idle if st.draft is not None and st.drafter != turn]
+                    if drafting or scoring or running[turn]:
+                        for st in drafting + scoring:
+                            st.running = True
+                        running[turn] += len(drafting) + len(scoring)
+                        pending[turn] = engines[turn].advance_async(self._draft_request(drafting),
+                                                                    self._score_request(scoring, turn))
+                        self.engine_calls += 1
+                        if pending[turn].done():
+                            collect(turn)
+        finally:
+            for turn, call in pending.items():
+                if call is not None:
+                    try:
+                        call.result()
+                    except Exception:  # the error that stopped the loop is the one to report
+                        pass
+            if any(running.values()):  # stopped half way: leave the engines clean for the next batch
+                for engine in engines.values():
+                    engine.abort_all()
 
     def _draft_request(self, group: list[_State]) -> dict | None:
         if not group:
             return None
-        # A decode call lasts as many engine steps as its longest draft: cap every draft at the
-        # group's median k so one sequence in a long run does not hold the whole batch.
-        cap = int(np.median([st.k[st.drafter] for st in group]))
+        self.drafts += len(group)
         return dict(
+            keys=[st.key for st in group],
             prompts=[st.ids for st in group],
-            max_tokens=[min(st.k[st.drafter], cap, self.cfg.max_new_tokens - st.seq.position) for st in group],
+            max_tokens=[min(st.k[st.drafter], self.cfg.max_new_tokens - st.seq.position) for st in group],
             temperature=self.cfg.temperature,
             seeds=[self.rule.draw_seed(st.drafter, st.seq.prompt.seed) for st in group],
             positions=[st.seq.position for st in group],
             stop_token_ids=sorted(self.eos_ids),
         )
 
+    @staticmethod
+    def _score_request(group: list[_State], scorer: int) -> dict | None:
+        if not group:
+            return None
+        # The scorer's row at the draft's first position is in hand after a fully accepted
+        # block: ask only for the rows after it (a cached prefix would not recompute it).
+        for st in group:
+            st.known_used = st.known[1] if st.known is not None and st.known[0] == scorer else None
+        return dict(keys=[st.key for st in group],
+                    sequences=[st.ids + st.draft.token_ids.tolist() for st in group],
+                    starts=[len(st.ids) + (st.known_used is not None) for st in group])
+
     def _walk_block(self, st: _State, draft, other_rows: torch.Tensor) -> int:
-        """Accept the drafter's tokens up to the first position it does not own; returns tokens added."""
+        """Accept the drafter's tokens up to the first position whose owner draws a different
+        token; returns tokens added. A position the other model owns does not end the block
+        when its draw equals the drafted token: the prefix is then the same, so the draft's later
+        rows and the scorer's rows along it stay exact (shared noise makes this common)."""
         drafted = torch.from_numpy(draft.logprobs)
         m = len(draft.token_ids)
         if st.drafter == switch.STUDENT:
@@ -145,17 +201,26 @@ class VLLMSwitchGenerator:
         else:
             teacher_lp, student_lp = drafted, other_rows[:m]
         # A student draft is its own draws (same function, rows, seed and positions): SKD's proposals.
-        d, tau, own = self.rule.decide(teacher_lp, student_lp, np.arange(st.seq.position, st.seq.position + m),
-                                       seeds=[st.seq.prompt.seed] * m,
+        positions = np.arange(st.seq.position, st.seq.position + m)
+        seed = st.seq.prompt.seed
+        d, tau, own = self.rule.decide(teacher_lp, student_lp, positions, seeds=[seed] * m,
                                        proposals=draft.token_ids if st.drafter == switch.STUDENT else None)
-        flips = (own != st.drafter).nonzero()
-        run = int(flips[0, 0]) if len(flips) else m
+        run, token = m, None
+        for j in (own != st.drafter).nonzero()[:, 0].tolist():
+            token = self.rule.draw(int(own[j]), teacher_lp[j], student_lp[j], seed, int(positions[j]))
+            if token != int(draft.token_ids[j]):
+                run = j
+                break
         if run:
             st.seq.extend(draft.token_ids[:run], own[:run], d[:run], tau[:run], student_lp[:run], teacher_lp[:run])
             st.seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)
+        # The scorer's distribution right after an accepted draft: its next score needs no rescoring.
+        st.known = (1 - st.drafter, other_rows[m]) if run == m else None
         added = run
         if run < m and not st.seq.done:
-            self._accept(st.seq, teacher_lp[run], student_lp[run])
+            st.seq.extend([token], own[run : run + 1], d[run : run + 1], tau[run : run + 1],
+                          student_lp[run : run + 1], teacher_lp[run : run + 1])
+            st.seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)
             added += 1
         self._adapt_k(st, run, m)
         if run < m:

@@ -209,6 +209,43 @@ def test_score_with_prefix_cache_hits(engines, hf):
         np.testing.assert_allclose(h, hf_logprobs(teacher, s)[-1:], rtol=0, atol=ATOL_HF)
 
 
+def test_advance_keeps_requests_running_across_calls(engines):
+    """Continuous batching: a call returns when some request finishes (here the one-step
+    scores), the long drafts go on at later calls, joined by new requests; every result equals
+    what decode / score return for the same request, and abort_all leaves the engine empty."""
+    eng = engines["student"]
+    eng.reset_prefix_cache()
+    prompts = random_prompts(3, 11)
+    seeds = [switch.prompt_seed(1, i) for i in range(3)]
+    kw = dict(temperature=1.0, stop_token_ids=[])
+    seqs, starts = [p + [7, 8, 9] for p in prompts], [len(p) for p in prompts]
+    drafts, rows = eng.advance(dict(keys=["a", "b"], prompts=prompts[:2], max_tokens=[12, 20], seeds=seeds[:2],
+                                    positions=[0, 0], **kw),
+                               dict(keys=["s"], sequences=seqs[:1], starts=starts[:1]))
+    assert drafts == {} and list(rows) == ["s"]
+    drafts, rows = eng.advance(dict(keys=["c"], prompts=prompts[2:], max_tokens=[1], seeds=seeds[2:], positions=[5],
+                                    **kw), None)
+    assert list(drafts) == ["c"] and rows == {}
+    got = {}
+    while len(got) < 2:
+        more, none = eng.advance(None, None)
+        assert none == {} and more
+        got.update(more)
+    assert eng.advance(None, None) == ({}, {})  # nothing left: returns at once
+    want = eng.decode(prompts, [12, 20, 1], seeds=seeds, positions=[0, 0, 5], **kw)
+    for key, w in zip("abc", want):
+        r = got.get(key, drafts.get(key))
+        np.testing.assert_array_equal(r.token_ids, w.token_ids)
+        np.testing.assert_array_equal(r.logprobs, w.logprobs)
+    scored = eng.advance(None, dict(keys=[0, 1], sequences=seqs[1:], starts=starts[1:]))[1]
+    for key, w in zip((0, 1), eng.score(seqs[1:], starts[1:], read_prefix_cache=False)):
+        np.testing.assert_allclose(scored[key], w, rtol=0, atol=1e-5)
+    eng.advance(dict(keys=["x"], prompts=prompts[:1], max_tokens=[30], seeds=seeds[:1], positions=[0], **kw),
+                dict(keys=["y"], sequences=seqs[:1], starts=starts[:1]))
+    eng.abort_all()
+    assert eng.advance(None, None) == ({}, {}) and not eng.llm.llm_engine.has_unfinished_requests()
+
+
 def test_score_and_decode_validate_inputs(engines):
     eng = engines["teacher"]
     with pytest.raises(ValueError, match="starts"):
