@@ -205,3 +205,28 @@ def test_reference_source_scores_the_reference_like_a_teacher_forward(engines, h
         np.testing.assert_allclose(seq.student_logprob, lp_s.gather(1, torch.tensor(want)[:, None])[:, 0].numpy(),
                                    atol=1e-3)
         np.testing.assert_allclose(seq.jsd, switch.jsd(lp_t, lp_s).numpy(), atol=1e-4)
+
+
+def test_block_rollout_stopped_half_way_leaves_the_engines_clean(engines, monkeypatch):
+    """An error in the middle of a block rollout (requests still running in both engines) is
+    raised, no request stays behind in either engine, and the next rollout is the same as one on
+    fresh engines would be."""
+    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=48, batch_size=8,
+                        switch=SwitchConfig(tau0=0.42, decay=0.008))
+    prompts = _prompts(8, seed=41)
+    want = [s.response_ids for s in _vllm(engines, cfg).generate(prompts)]
+    generator = _vllm(engines, cfg)
+    walk, calls = generator._walk_block, []
+
+    def failing_walk(*args):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("injected")
+        return walk(*args)
+
+    monkeypatch.setattr(generator, "_walk_block", failing_walk)
+    with pytest.raises(RuntimeError, match="injected"):
+        generator.generate(prompts)
+    assert all(not h.engine.llm.llm_engine.has_unfinished_requests() for h in engines)
+    monkeypatch.undo()
+    assert [s.response_ids for s in _vllm(engines, cfg).generate(prompts)] == want
