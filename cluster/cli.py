@@ -6,6 +6,7 @@ import logging
 import sys
 
 from switchkd.cluster.config import ConfigError, load_config
+from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
 from switchkd.rollout.data import PromptError
 from switchkd.rollout.models import ModelError
@@ -14,7 +15,7 @@ from switchkd.cluster.placement import ClusterError
 from switchkd.rollout.weight_sync import WeightSyncError
 from switchkd.trainer.ds_config import TrainerError
 
-PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64}
+PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64, "sft_ratio": DISTIL_SFT_RATIO}
 
 # Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
@@ -110,7 +111,7 @@ def _cmd_pipeline(args) -> None:
     from switchkd.cluster.pipeline import run_pipeline, summary_lines
 
     summary = run_pipeline(args.out, args.warmup_steps, args.distil_steps, args.eval_prompts, args.seed,
-                           args.distil_config)
+                           args.distil_config, sft_ratio=args.sft_ratio)
     print("\n".join(summary_lines(summary)))
     print(f"wrote {args.out}/summary.json")
 
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SWITCH distillation steps (default: %(default)s)")
     p.add_argument("--eval-prompts", type=_positive, default=PIPELINE_DEFAULTS["eval_prompts"],
                    help="test-split prompts evaluated (default: %(default)s)")
+    p.add_argument("--sft-ratio", type=_ratio, default=PIPELINE_DEFAULTS["sft_ratio"],
+                   help="weight of the SFT term on the references during distillation, in [0, 1]; "
+                        "0 = pure SWITCH (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distil-config", default=None,
                    help="distillation config (default: configs/baselines/switch-exp.yaml)")
@@ -194,6 +198,16 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
     return int(text)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number in [0, 1]")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,12 @@ from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
 
 
+def _tensor(rows: np.ndarray) -> torch.Tensor:
+    """A tensor over engine rows. Arrays a Ray actor returned are read-only views of its object
+    store, which torch warns about wrapping, so those (only) are copied."""
+    return torch.from_numpy(np.require(rows, requirements="W"))
+
+
 class _State:
     """Block-mode bookkeeping of one sequence: who drafts next and how far."""
 
@@ -106,7 +112,7 @@ class VLLMSwitchGenerator:
             pending = self.teacher.score_async(ids, starts), self.student.score_async(ids, starts)
             teacher_rows, student_rows = (p.result() for p in pending)
             for seq, t_row, s_row in zip(active, teacher_rows, student_rows):
-                self._accept(seq, torch.from_numpy(t_row[0]), torch.from_numpy(s_row[0]))
+                self._accept(seq, _tensor(t_row[0]), _tensor(s_row[0]))
                 on_tokens(1)
             self.engine_calls += 2
 
@@ -129,7 +135,7 @@ class VLLMSwitchGenerator:
                 states[key].running, states[key].draft = False, draft
             for key, block in rows.items():
                 st = states[key]
-                block = torch.from_numpy(block)
+                block = _tensor(block)
                 if st.known_used is not None:
                     block = torch.cat([st.known_used[None], block])
                 draft, st.draft, st.running, st.known_used = st.draft, None, False, None
@@ -194,7 +200,7 @@ class VLLMSwitchGenerator:
         token; returns tokens added. A position the other model owns does not end the block
         when its draw equals the drafted token: the prefix is then the same, so the draft's later
         rows and the scorer's rows along it stay exact (shared noise makes this common)."""
-        drafted = torch.from_numpy(draft.logprobs)
+        drafted = _tensor(draft.logprobs)
         m = len(draft.token_ids)
         if st.drafter == switch.STUDENT:
             teacher_lp, student_lp = other_rows[:m], drafted

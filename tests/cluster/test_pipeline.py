@@ -10,7 +10,7 @@ import pytest
 from test_driver import clean_machine  # noqa: F401  (fixture: no Ray process or /dev/shm entry left)
 
 from switchkd.cluster.config import ConfigError
-from switchkd.cluster.pipeline import run_pipeline, summary_lines
+from switchkd.cluster.pipeline import DISTIL_SFT_RATIO, run_pipeline, summary_lines
 from switchkd.rollout.data import prepare_default_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +33,8 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
     warm, distil = (json.loads((out / s / "result.json").read_text()) for s in ("warmup", "distil"))
     assert warm["steps"] == distil["steps"] == 2
     assert f"model.student={warm['export']}" in distil["overrides"]       # distillation starts from the warm-up
+    assert f"trainer.sft_ratio={DISTIL_SFT_RATIO}" in distil["overrides"] and summary["sft_ratio"] == DISTIL_SFT_RATIO
+    assert json.loads((out / "distil" / "metrics.jsonl").read_text().splitlines()[-1])["sft_loss"] is not None
     assert set(summary["rouge_l"]) == {"teacher", "student before (warm-up)", "student after (SWITCH)"}
     for scores in summary["rouge_l"].values():
         assert set(scores) == {"greedy", "sampled"} and all(0 <= v <= 100 for v in scores.values())
@@ -53,10 +55,13 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
                      progress=False)
 
 
-def test_pipeline_cli_rejects_a_bad_step_count():
-    res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", "x", "--distil-steps", "0"],
+@pytest.mark.parametrize("args,error", [(["--distil-steps", "0"], "--distil-steps: '0': must be a positive integer"),
+                                        (["--sft-ratio", "1.5"], "--sft-ratio: '1.5': must be a number in [0, 1]"),
+                                        (["--sft-ratio", "half"], "--sft-ratio: 'half': must be a number in [0, 1]")])
+def test_pipeline_cli_rejects_bad_arguments(args, error):
+    res = subprocess.run([sys.executable, "-m", "switchkd.cluster.cli", "pipeline", "--out", "x", *args],
                          capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 2 and "--distil-steps: '0': must be a positive integer" in res.stderr
+    assert res.returncode == 2 and error in res.stderr
 
 
 def test_pipeline_checks_its_config_before_training(tmp_path):
