@@ -273,12 +273,12 @@ class VLLMEngine:
             self._inflight.clear()
 
     def _add(self, tag: tuple, prompt, params) -> None:
+        from vllm.inputs import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
         request_id = f"switchkd-{next(self._request_ids)}"
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        self.llm.llm_engine.add_request(
-            request_id, self.llm._preprocess_cmpl_one({"prompt_token_ids": [int(t) for t in prompt]}, None), params)
+        self.llm.llm_engine.add_request(request_id, tokens_input([int(t) for t in prompt]), params)
         self._inflight[request_id] = tag
 
     def _add_score(self, key, sequence, start: int, read_cache: bool) -> None:
