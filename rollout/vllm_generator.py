@@ -44,6 +44,7 @@ long both for a good student (few replacements) and an untrained one (few accept
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
@@ -54,6 +55,7 @@ from switchkd.rollout.config import ModelConfig, RolloutConfig
 from switchkd.rollout.engines import start_engines
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
+log = logging.getLogger(__name__)
 
 
 def _tensor(rows: np.ndarray) -> torch.Tensor:
@@ -159,15 +161,17 @@ class VLLMSwitchGenerator:
                         if pending[turn].done():
                             collect(turn)
         finally:
-            for turn, call in pending.items():
-                if call is not None:
+            # Only an error ends the loop with work in flight: wait for the calls still out, then
+            # leave both engines clean for the next batch. The error that stopped the loop is the
+            # one to report; a dead engine that cannot answer these is only logged.
+            if any(running.values()):
+                for engine, call in ((engines[turn], pending[turn]) for turn in pending):
                     try:
-                        call.result()
-                    except Exception:  # the error that stopped the loop is the one to report
-                        pass
-            if any(running.values()):  # stopped half way: leave the engines clean for the next batch
-                for engine in engines.values():
-                    engine.abort_all()
+                        if call is not None:
+                            call.result()
+                        engine.abort_all()
+                    except Exception as e:
+                        log.warning("engine not cleaned up after a failed rollout: %s", e)
 
     def _draft_request(self, group: list[_State]) -> dict | None:
         if not group:
