@@ -72,8 +72,9 @@ class _State:
         self.drafter = drafter
         self.draft = None          # the drafter's DecodeResult awaiting the other model's scores
         self.running = False       # a draft or score request of this sequence is in an engine
-        self.known = None          # (model, its next-token row at the current position) when in hand
-        self.known_used = None     # the known row the score request in flight relies on
+        # The scorer's next-token row at the current position, in hand after a fully accepted
+        # block (the drafter, hence the scorer of the next draft, stays the same); else None.
+        self.known = None
         self.k = {switch.STUDENT: k, switch.TEACHER: k}
 
     @property
@@ -138,9 +139,9 @@ class VLLMSwitchGenerator:
             for key, block in rows.items():
                 st = states[key]
                 block = _tensor(block)
-                if st.known_used is not None:
-                    block = torch.cat([st.known_used[None], block])
-                draft, st.draft, st.running, st.known_used = st.draft, None, False, None
+                if st.known is not None:
+                    block = torch.cat([st.known[None], block])
+                draft, st.draft, st.running = st.draft, None, False
                 on_tokens(self._walk_block(st, draft, block))
 
         try:
@@ -156,7 +157,7 @@ class VLLMSwitchGenerator:
                             st.running = True
                         running[turn] += len(drafting) + len(scoring)
                         pending[turn] = engines[turn].advance_async(self._draft_request(drafting),
-                                                                    self._score_request(scoring, turn))
+                                                                    self._score_request(scoring))
                         self.engine_calls += 1
                         if pending[turn].done():
                             collect(turn)
@@ -188,16 +189,14 @@ class VLLMSwitchGenerator:
         )
 
     @staticmethod
-    def _score_request(group: list[_State], scorer: int) -> dict | None:
+    def _score_request(group: list[_State]) -> dict | None:
         if not group:
             return None
         # The scorer's row at the draft's first position is in hand after a fully accepted
         # block: ask only for the rows after it (a cached prefix would not recompute it).
-        for st in group:
-            st.known_used = st.known[1] if st.known is not None and st.known[0] == scorer else None
         return dict(keys=[st.key for st in group],
                     sequences=[st.ids + st.draft.token_ids.tolist() for st in group],
-                    starts=[len(st.ids) + (st.known_used is not None) for st in group])
+                    starts=[len(st.ids) + (st.known is not None) for st in group])
 
     def _walk_block(self, st: _State, draft, other_rows: torch.Tensor) -> int:
         """Accept the drafter's tokens up to the first position whose owner draws a different
@@ -225,7 +224,7 @@ class VLLMSwitchGenerator:
             st.seq.extend(draft.token_ids[:run], own[:run], d[:run], tau[:run], student_lp[:run], teacher_lp[:run])
             st.seq.finish_if(self.eos_ids, self.cfg.max_new_tokens)
         # The scorer's distribution right after an accepted draft: its next score needs no rescoring.
-        st.known = (1 - st.drafter, other_rows[m]) if run == m else None
+        st.known = other_rows[m] if run == m else None
         added = run
         if run < m and not st.seq.done:
             st.seq.extend([token], own[run : run + 1], d[run : run + 1], tau[run : run + 1],
