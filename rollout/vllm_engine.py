@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 FINISH_REASONS = ("stop", "length")
+LOCKSTEP_FQCN = "switchkd.rollout.vllm_lockstep:LockstepLogitsProcessor"
 
 
 @dataclass
@@ -103,6 +104,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         seed: int = 0,
         trust_remote_code: bool = False,
+        lockstep: bool = False,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -132,10 +134,13 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=True,
             skip_tokenizer_init=True,
-            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN],
+            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN] + ([LOCKSTEP_FQCN] if lockstep else []),
             worker_extension_cls=vllm_fastpath.WORKER_EXTENSION_FQCN,
             **extra,
         )
+        if lockstep:  # both engines must schedule identically (vllm_lockstep)
+            kwargs.update(enable_prefix_caching=False, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(self.max_model_len, 8192))
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if tensor_parallel_size > 1:  # TP workers as processes inside this engine's host (one node)

@@ -1,0 +1,189 @@
+"""SWITCH in lockstep: one request per sequence in each engine, the token decided inside vLLM.
+
+Block mode (vllm_generator) moves full-vocab rows out of the engines and, at every owner
+change, starts new requests that prefill the prefix again. In lockstep mode both engines
+hold each sequence as one request for the whole rollout and step together, in one process:
+
+  1. the student engine's step runs its forward pass; its logits processor
+     (:class:`LockstepLogitsProcessor`) offers the student's rows to the :class:`Exchange`
+     and, inside that call, steps the teacher engine once (nested: the student's forward
+     context is closed by then, vLLM samples outside it);
+  2. the teacher's step runs its forward pass; its processor finds the student's rows for
+     the same sequences and positions, and the exchange decides d_t, tau_t, the owner and
+     the token with switch.OwnerRule (the same calls as every generator), records them in
+     the sequences' builders, and forces the token (every other logit -inf, greedy);
+  3. back in the student's processor the same tokens are forced there.
+
+So each engine runs exactly one forward pass per token and no full-vocab row ever leaves
+the process's tensors. Both engines must schedule the same requests in the same steps:
+lockstep engines run without prefix caching and without chunked prefill (a partial
+prefill would be sampled and thrown away by vLLM, which a processor cannot tell apart),
+and the driver admits only as many sequences as both KV caches hold, so none is preempted.
+An engine that gets out of step raises a clear error instead of deciding on wrong rows.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from switchkd.rollout import switch
+from switchkd.rollout.sequences import SequenceBuilder
+
+LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
+MAX_FOLLOWER_STEPS = 4               # teacher steps one student step may need (prefill + first sample)
+_EXCHANGES: dict[int, "Exchange"] = {}
+_ids = itertools.count()
+
+
+class LockstepError(RuntimeError):
+    """The two engines did not schedule the same sequences in the same step."""
+
+
+@dataclass
+class Exchange:
+    """Pairs the two engines' rows of one rollout and decides each sequence's next token."""
+
+    rule: switch.OwnerRule
+    seqs: dict[int, SequenceBuilder]
+    eos_ids: set[int]
+    max_new_tokens: int
+    step_teacher: callable = None
+    id: int = field(default_factory=lambda: next(_ids))
+    waiting: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)   # key -> (pos, student row)
+    decided: dict[int, tuple[int, int]] = field(default_factory=dict)            # key -> (pos, token)
+
+    def __enter__(self) -> "Exchange":
+        _EXCHANGES[self.id] = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _EXCHANGES.pop(self.id, None)
+
+    def student_rows(self, keys: list[int], positions: list[int], rows: torch.Tensor) -> list[int]:
+        """The student's rows of one step; steps the teacher until they are decided; the tokens."""
+        for key, pos, row in zip(keys, positions, rows):
+            self.waiting[key] = (pos, row)
+        for _ in range(MAX_FOLLOWER_STEPS):
+            if all(self.decided.get(k, (None,))[0] == p for k, p in zip(keys, positions)):
+                break
+            self.step_teacher()
+        else:
+            missing = [k for k, p in zip(keys, positions) if self.decided.get(k, (None,))[0] != p]
+            raise LockstepError(f"teacher engine out of step: sequences {missing[:8]} not decided after "
+                                f"{MAX_FOLLOWER_STEPS} teacher steps")
+        return [self.decided[k][1] for k in keys]
+
+    def teacher_rows(self, keys: list[int], positions: list[int], rows: torch.Tensor) -> list[int]:
+        """The teacher's rows of one step: decide against the waiting student rows; the tokens."""
+        student = []
+        for key, pos in zip(keys, positions):
+            got = self.waiting.pop(key, None)
+            if got is None or got[0] != pos:
+                raise LockstepError(f"student engine out of step: sequence {key} at position {pos} has "
+                                    f"no student row ({'none' if got is None else f'position {got[0]}'})")
+            student.append(got[1])
+        student_lp = torch.stack(student)
+        seeds = [self.seqs[k].prompt.seed for k in keys]
+        d, tau, own = self.rule.decide(rows, student_lp, positions, seeds=seeds)
+        tokens = []
+        for i, (key, pos) in enumerate(zip(keys, positions)):
+            seq = self.seqs[key]
+            token = self.rule.draw(int(own[i]), rows[i], student_lp[i], seq.prompt.seed, pos)
+            seq.extend([token], own[i : i + 1], d[i : i + 1], tau[i : i + 1], student_lp[i : i + 1], rows[i : i + 1])
+            seq.finish_if(self.eos_ids, self.max_new_tokens)
+            self.decided[key] = (pos, token)
+            tokens.append(token)
+        return tokens
+
+
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality  # noqa: E402
+
+
+class LockstepLogitsProcessor(LogitsProcessor):
+    """Hands each lockstep request's row (log-softmax, float32: the sampler's own op) to its
+    exchange and forces the token the exchange decided. Other requests are left alone."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.states: dict[int, tuple[int, int, int, list[int]]] = {}  # batch index -> (exchange, role, key, outputs)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        args = (sampling_params.extra_args or {}).get(LOCKSTEP_KEY)
+        if args is None:
+            return
+        if not (isinstance(args, (list, tuple)) and len(args) == 3 and args[1] in (switch.STUDENT, switch.TEACHER)):
+            raise ValueError(f"extra_args[{LOCKSTEP_KEY!r}] must be (exchange id, role, key), got {args!r}")
+        if sampling_params.temperature != 0:
+            raise ValueError("lockstep requests must be sent with temperature=0 (the exchange draws the token)")
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not batch_update:
+            return
+        states = self.states
+        for index in batch_update.removed:
+            states.pop(index, None)
+        for index, params, _prompt, output_tok_ids in batch_update.added:
+            args = (params.extra_args or {}).get(LOCKSTEP_KEY) if params is not None else None
+            if args is None:
+                states.pop(index, None)
+            else:
+                states[index] = (int(args[0]), int(args[1]), int(args[2]), output_tok_ids)
+        for a, b, direction in batch_update.moved:
+            sa, sb = states.pop(a, None), states.pop(b, None)
+            if sa is not None:
+                states[b] = sa
+            if direction == MoveDirectionality.SWAP and sb is not None:
+                states[a] = sb
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = sorted(i for i in self.states if i < logits.shape[0])
+        if not rows:
+            return logits
+        exchange_id, role = self.states[rows[0]][:2]
+        exchange = _EXCHANGES.get(exchange_id)
+        if exchange is None:
+            raise LockstepError(f"lockstep request of a finished or unknown rollout (exchange {exchange_id})")
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        logprobs = logits.index_select(0, index).log_softmax(dim=-1, dtype=torch.float32)
+        keys = [self.states[i][2] for i in rows]
+        positions = [len(self.states[i][3]) for i in rows]
+        offer = exchange.teacher_rows if role == switch.TEACHER else exchange.student_rows
+        tokens = torch.tensor(offer(keys, positions, logprobs.cpu()), dtype=torch.long, device=logits.device)
+        forced = torch.full((len(rows), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+        forced[torch.arange(len(rows)), tokens] = 0.0
+        logits[index] = forced
+        return logits
+
+
+LOGITS_PROCESSOR_FQCN = f"{__name__}:LockstepLogitsProcessor"
+
+
+def run_lockstep(teacher, student, seqs: list[SequenceBuilder], rule: switch.OwnerRule, eos_ids: set[int],
+                 max_new_tokens: int) -> int:
+    """Roll out ``seqs`` on two in-process VLLMEngines in lockstep; returns student engine steps."""
+    from vllm import SamplingParams
+    from vllm.inputs import tokens_input
+    from vllm.sampling_params import RequestOutputKind
+
+    t_engine, s_engine = teacher.llm.llm_engine, student.llm.llm_engine
+    exchange = Exchange(rule, dict(enumerate(seqs)), eos_ids, max_new_tokens, step_teacher=t_engine.step)
+    steps = 0
+    with exchange:
+        for key, seq in enumerate(seqs):
+            for role, engine in ((switch.STUDENT, s_engine), (switch.TEACHER, t_engine)):
+                params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=True,
+                                        stop_token_ids=sorted(eos_ids),
+                                        extra_args={LOCKSTEP_KEY: (exchange.id, role, key)})
+                params.output_kind = RequestOutputKind.FINAL_ONLY
+                engine.add_request(f"lockstep-{exchange.id}-{role}-{key}", tokens_input(seq.prompt.token_ids), params)
+        while s_engine.has_unfinished_requests():
+            s_engine.step()
+            steps += 1
+        if t_engine.has_unfinished_requests():
+            raise LockstepError("teacher engine still has requests after the student finished")
+    return steps
