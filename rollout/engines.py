@@ -30,6 +30,34 @@ class StudentEngine(VLLMEngine):
     """The student's vLLM engine; the trainer syncs new weights into it."""
 
 
+class PairEngine(StudentEngine):
+    """Both engines in one process for rollout.mode=lockstep (vllm_lockstep): this is the student
+    engine, which the trainer syncs, and it hosts the teacher engine beside it."""
+
+    def __init__(self, teacher_kwargs: dict, **student_kwargs) -> None:
+        super().__init__(**student_kwargs, lockstep=True)
+        try:
+            self.teacher = TeacherEngine(**teacher_kwargs, lockstep=True)
+        except BaseException:
+            super().shutdown()
+            raise
+
+    def lockstep(self, prompts, rule, eos_ids, max_new_tokens: int, topk: int):
+        """SWITCH rollouts of ``prompts`` (vllm_lockstep.run_lockstep); returns (builders, top-k
+        decision counts (agreed, decided)) so a caller's OwnerRule can add them up."""
+        from switchkd.rollout.vllm_lockstep import run_lockstep
+
+        agreed, decided = rule.agreed, rule.decided
+        seqs = run_lockstep(self.teacher, self, prompts, rule, set(eos_ids), max_new_tokens, topk)
+        return seqs, (rule.agreed - agreed, rule.decided - decided)
+
+    def shutdown(self) -> None:
+        try:
+            self.teacher.shutdown()
+        finally:
+            super().shutdown()
+
+
 class _Done:
     def __init__(self, value):
         self.value = value
@@ -174,6 +202,10 @@ class EngineHandle:
             self.call("abort_all")
 
     def shutdown(self) -> None:
+        """Stop the engine (idempotent: lockstep hands out one handle as teacher and student)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         if self.actor is not None:
             import ray
 
@@ -197,7 +229,18 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
                   max_restarts: int = 0) -> tuple[EngineHandle, EngineHandle]:
     """Start the teacher and student engines as configured: in-process, or Ray actors (with
     ``placement``, {"teacher"/"student": Ray scheduling strategy}, they always are actors, and
-    Ray restarts a dead one up to ``max_restarts`` times, with its constructor arguments)."""
+    Ray restarts a dead one up to ``max_restarts`` times, with its constructor arguments).
+    rollout.mode=lockstep (sampled rollouts) starts one PairEngine, in the student's place, and
+    returns its handle twice."""
+    if rollout.mode == "lockstep" and rollout.source == "generate":
+        kwargs = engine_kwargs(model.student, model, rollout.student, rollout.seed)
+        kwargs["teacher_kwargs"] = engine_kwargs(model.teacher, model, rollout.teacher, rollout.seed)
+        if rollout.use_ray or placement is not None:
+            strategy = (placement or {}).get("student")
+            pair = EngineHandle(actor=_start_actor(PairEngine, rollout.student, kwargs, strategy, max_restarts))
+        else:
+            pair = EngineHandle(engine=PairEngine(**kwargs))
+        return pair, pair
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
     handles = []
     for cls, path, engine in specs:

@@ -139,7 +139,7 @@ class VLLMEngine:
             **extra,
         )
         if lockstep:  # both engines must schedule identically (vllm_lockstep)
-            kwargs.update(enable_prefix_caching=False, enable_chunked_prefill=False,
+            kwargs.update(enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False,
                           max_num_batched_tokens=max(self.max_model_len, 8192))
         if device != "cpu":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization

@@ -1,4 +1,9 @@
-"""SWITCH on two vLLM engines: block-speculative (default) and token-by-token (stepwise).
+"""SWITCH on two vLLM engines: lockstep (default), block-speculative and token-by-token (stepwise).
+
+Lockstep mode (vllm_lockstep) runs both engines in one process, one request per sequence
+each, stepping together; the token is decided inside vLLM's sampler. It is the fastest
+wherever both engines can share a process and device; block mode is for engines apart
+(separate actors or devices, a teacher behind a server).
 
 Block mode (DESIGN.md 4.2). Each sequence has a *drafter*, the model that owned its
 last token (the student at the start). Per sequence, one block is:
@@ -99,13 +104,28 @@ class VLLMSwitchGenerator:
 
     def generate(self, prompts: list[Prompt], on_tokens: Callable[[int], None] = lambda n: None) -> list[SequenceBuilder]:
         """Roll out ``prompts`` in batches of rollout.batch_size; one builder per prompt, in order."""
-        step = self._block_batch if self.cfg.mode == "block" else self._stepwise_batch
+        step = {"block": self._block_batch, "stepwise": self._stepwise_batch}.get(self.cfg.mode)
         out = []
         for start in range(0, len(prompts), self.cfg.batch_size):
-            seqs = [SequenceBuilder(p, self.cfg.teacher_topk) for p in prompts[start : start + self.cfg.batch_size]]
+            batch = prompts[start : start + self.cfg.batch_size]
+            if step is None:
+                out += self._lockstep_batch(batch, on_tokens)
+                continue
+            seqs = [SequenceBuilder(p, self.cfg.teacher_topk) for p in batch]
             step(seqs, on_tokens)
             out += seqs
         return out
+
+    # -- lockstep -------------------------------------------------------------------------
+    def _lockstep_batch(self, prompts: list[Prompt], on_tokens) -> list[SequenceBuilder]:
+        """Both engines in one process step together (vllm_lockstep; the handle is a PairEngine's)."""
+        seqs, (agreed, decided) = self.student.call("lockstep", prompts, self.rule, sorted(self.eos_ids),
+                                                    self.cfg.max_new_tokens, self.cfg.teacher_topk)
+        self.rule.agreed += agreed
+        self.rule.decided += decided
+        self.engine_calls += 1
+        on_tokens(sum(len(s.response_ids) for s in seqs))
+        return seqs
 
     # -- stepwise -------------------------------------------------------------------------
     def _stepwise_batch(self, seqs: list[SequenceBuilder], on_tokens) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from switchkd.rollout import switch
-from switchkd.rollout.sequences import SequenceBuilder
+from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
 LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
 MAX_FOLLOWER_STEPS = 4               # teacher steps one student step may need (prefill + first sample)
@@ -84,6 +84,10 @@ class Exchange:
                 raise LockstepError(f"student engine out of step: sequence {key} at position {pos} has "
                                     f"no student row ({'none' if got is None else f'position {got[0]}'})")
             student.append(got[1])
+        for key, pos in zip(keys, positions):
+            if self.seqs[key].position != pos:
+                raise LockstepError(f"sequence {key}: the engines are at position {pos}, the rollout at "
+                                    f"{self.seqs[key].position}")
         student_lp = torch.stack(student)
         seeds = [self.seqs[k].prompt.seed for k in keys]
         d, tau, own = self.rule.decide(rows, student_lp, positions, seeds=seeds)
@@ -163,27 +167,59 @@ class LockstepLogitsProcessor(LogitsProcessor):
 LOGITS_PROCESSOR_FQCN = f"{__name__}:LockstepLogitsProcessor"
 
 
-def run_lockstep(teacher, student, seqs: list[SequenceBuilder], rule: switch.OwnerRule, eos_ids: set[int],
-                 max_new_tokens: int) -> int:
-    """Roll out ``seqs`` on two in-process VLLMEngines in lockstep; returns student engine steps."""
+def run_lockstep(teacher, student, prompts: list[Prompt], rule: switch.OwnerRule, eos_ids: set[int],
+                 max_new_tokens: int, topk: int) -> list[SequenceBuilder]:
+    """Roll out ``prompts`` on two in-process lockstep VLLMEngines; one builder per prompt, in order.
+
+    Sequences are admitted while both KV caches can hold them whole (prompt + max_new_tokens),
+    so vLLM never preempts one engine's request and not the other's; the rest wait for
+    finished ones. After an error every request of this rollout is aborted in both engines."""
     from vllm import SamplingParams
     from vllm.inputs import tokens_input
     from vllm.sampling_params import RequestOutputKind
 
-    t_engine, s_engine = teacher.llm.llm_engine, student.llm.llm_engine
-    exchange = Exchange(rule, dict(enumerate(seqs)), eos_ids, max_new_tokens, step_teacher=t_engine.step)
-    steps = 0
+    engines = {switch.STUDENT: student.llm.llm_engine, switch.TEACHER: teacher.llm.llm_engine}
+    seqs = [SequenceBuilder(p, topk) for p in prompts]
+    max_len = min(teacher.max_model_len, student.max_model_len)
+    block = max(teacher.block_size, student.block_size)
+    capacity = min(e.vllm_config.cache_config.num_gpu_blocks for e in engines.values())
+    budgets = []
+    for i, p in enumerate(prompts):
+        budgets.append(min(max_new_tokens, max_len - len(p.token_ids)))
+        if budgets[-1] < 1:
+            raise ValueError(f"prompt {p.index}: {len(p.token_ids)} tokens leave no room for a response "
+                             f"within max_model_len {max_len}")
+    need = [-(-(len(p.token_ids) + m) // block) for p, m in zip(prompts, budgets)]
+    if max(need) > capacity:
+        raise ValueError(f"a sequence of {max(need) * block} tokens does not fit the smaller KV cache "
+                         f"({capacity} blocks of {block}); raise rollout.*.kv_cache_space_gb")
+    exchange = Exchange(rule, dict(enumerate(seqs)), eos_ids, max_new_tokens, step_teacher=engines[switch.TEACHER].step)
+    request_ids = [f"switchkd-lockstep-{exchange.id}-{key}" for key in range(len(seqs))]
+    queue, running, used = list(range(len(seqs))), set(), 0
     with exchange:
-        for key, seq in enumerate(seqs):
-            for role, engine in ((switch.STUDENT, s_engine), (switch.TEACHER, t_engine)):
-                params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=True,
-                                        stop_token_ids=sorted(eos_ids),
-                                        extra_args={LOCKSTEP_KEY: (exchange.id, role, key)})
-                params.output_kind = RequestOutputKind.FINAL_ONLY
-                engine.add_request(f"lockstep-{exchange.id}-{role}-{key}", tokens_input(seq.prompt.token_ids), params)
-        while s_engine.has_unfinished_requests():
-            s_engine.step()
-            steps += 1
-        if t_engine.has_unfinished_requests():
-            raise LockstepError("teacher engine still has requests after the student finished")
-    return steps
+        try:
+            while queue or running:
+                while queue and used + need[queue[0]] <= capacity:
+                    key = queue.pop(0)
+                    for role, engine in engines.items():
+                        params = SamplingParams(max_tokens=budgets[key], temperature=0.0, detokenize=False,
+                                                ignore_eos=True, stop_token_ids=sorted(eos_ids),
+                                                extra_args={LOCKSTEP_KEY: (exchange.id, role, key)})
+                        params.output_kind = RequestOutputKind.FINAL_ONLY
+                        engine.add_request(request_ids[key], tokens_input(prompts[key].token_ids), params)
+                    running.add(key)
+                    used += need[key]
+                engines[switch.STUDENT].step()
+                for key in [k for k in running if seqs[k].done or seqs[k].position >= budgets[k]]:
+                    running.discard(key)
+                    used -= need[key]
+            if any(e.has_unfinished_requests() for e in engines.values()):
+                raise LockstepError("an engine still has requests after every sequence finished")
+        except BaseException:
+            for engine in engines.values():
+                engine.abort_request(request_ids)
+            raise
+    for seq in seqs:
+        if not seq.done:  # stopped by max_model_len before max_new_tokens
+            seq.finish_reason = "length"
+    return seqs
