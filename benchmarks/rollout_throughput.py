@@ -1,8 +1,13 @@
-"""Rollout throughput: block-speculative vs stepwise vLLM SWITCH vs the HF reference vs the floor.
+"""Rollout throughput: lockstep vs block-speculative vs stepwise vLLM SWITCH vs the HF reference vs the floor.
 
 Same prompts, same models, one run; each method is warmed up, then timed over --repeats.
 
     python benchmarks/rollout_throughput.py [--quick] [--models tiny|smollm2] [--json out.json]
+
+lockstep (rollout.mode's default) runs on its own PairEngine (both engines in one process,
+prefix caching off); block, stepwise and the floors on a separate teacher and student engine.
+One set of engines at a time: the teacher + student engines are shut down before the
+PairEngine starts.
 
 floor = the student decoding every response token with full-vocab log-probs plus ONE
 teacher prefill scoring the same tokens (both on the fast path): what any exact SWITCH
@@ -12,13 +17,15 @@ them, as with an untrained student. --student runs another student (e.g. a warme
 one, whose ownership is mixed) against the pair's teacher. The HF reference runs in a separate process, because a vLLM
 CPU engine pins the torch threads of its own process.
 
-Ratios: block_over_stepwise (target >= 5), floor_over_block (floor tokens/s over block
-tokens/s; target <= 1.5), block_over_hf (target > 1).
+Ratios: floor_over_lockstep (floor tokens/s over lockstep tokens/s; target <= 1.5, judged
+on the default mode), lockstep_over_block, block_over_stepwise (target >= 5), block_over_hf
+(target > 1); floor_over_block is kept for comparison.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import multiprocessing as mp
 import os
 import sys
@@ -76,8 +83,6 @@ def _hf_worker(args, queue):
 
 def run(args) -> dict:
     from switchkd.rollout.config import ModelConfig, RolloutConfig
-    from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
 
     teacher_dir, student_dir, dtype = _models(args.models)
     student_dir = args.student or student_dir
@@ -95,18 +100,52 @@ def run(args) -> dict:
     proc.join()
 
     model = ModelConfig(teacher=teacher_dir, student=student_dir, dtype=dtype)
-    teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(teacher_dir, model, cfg.teacher, 0)))
-    student = EngineHandle(engine=StudentEngine(**engine_kwargs(student_dir, model, cfg.student, 0)))
+    warm = prompts[: max(1, len(prompts) // 4)]
+    # One set of engines at a time: teacher + student (block, stepwise, floors), then lockstep's PairEngine.
+    results, floors = _split_engines(model, cfg, prompts, warm, eos, args.repeats)
+    gc.collect()
+    results["lockstep"] = _lockstep(model, dataclasses.replace(cfg, mode="lockstep"), prompts, warm, eos, args.repeats)
+
+    tps = lambda tokens, s: tokens / s["median_s"]
+    block_tps = tps(results["block"]["tokens"], results["block"])
+    step_tps = tps(results["stepwise"]["tokens"], results["stepwise"])
+    lock_tps = tps(results["lockstep"]["tokens"], results["lockstep"])
+    hf_stats = stats(hf_times)
+    hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floors["floor"]["tokens"], floors["floor"])
+    mirror_tps = tps(floors["floor_teacher_drafts"]["tokens"], floors["floor_teacher_drafts"])
+    return {
+        "benchmark": "rollout_throughput", "machine": machine_info(),
+        "config": {"models": args.models, "student": student_dir, "dtype": dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                   "temperature": args.temperature, "tau0": cfg.switch.tau0, "decay": cfg.switch.decay,
+                   "schedule": cfg.switch.schedule, "repeats": args.repeats},
+        "tokens": results["block"]["tokens"],
+        "block": results["block"], "stepwise": results["stepwise"], "lockstep": results["lockstep"],
+        "hf": {"tokens": hf_tokens, **hf_stats}, **floors,
+        "block_tokens_per_s": block_tps, "stepwise_tokens_per_s": step_tps, "lockstep_tokens_per_s": lock_tps,
+        "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps, "floor_teacher_drafts_tokens_per_s": mirror_tps,
+        "block_over_stepwise": block_tps / step_tps, "floor_over_block": floor_tps / block_tps,
+        "floor_teacher_drafts_over_block": mirror_tps / block_tps,
+        "block_over_hf": block_tps / hf_tps,
+        "floor_over_lockstep": floor_tps / lock_tps, "floor_teacher_drafts_over_lockstep": mirror_tps / lock_tps,
+        "lockstep_over_block": lock_tps / block_tps, "lockstep_over_stepwise": lock_tps / step_tps,
+        "lockstep_over_hf": lock_tps / hf_tps,
+    }
+
+
+def _split_engines(model, cfg, prompts, warm, eos, repeats: int) -> tuple[dict, dict]:
+    """Block and stepwise SWITCH, and both floors, on a teacher and a student engine, shut down after:
+    ({mode: result}, {floor name: result})."""
+    from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+
+    teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(model.teacher, model, cfg.teacher, 0)))
+    student = EngineHandle(engine=StudentEngine(**engine_kwargs(model.student, model, cfg.student, 0)))
     try:
         results = {}
-        warm = prompts[: max(1, len(prompts) // 4)]
         lengths = None
         for mode in ("block", "stepwise"):
             gen = VLLMSwitchGenerator(model, dataclasses.replace(cfg, mode=mode), {eos}, engines=(teacher, student))
-            gen.generate(warm)
-            times, seqs = timed(lambda: gen.generate(prompts), args.repeats)
-            tokens = sum(len(s.response_ids) for s in seqs)
-            results[mode] = {"tokens": tokens, **stats(times), "teacher_fraction": _teacher_fraction(seqs)}
+            results[mode], seqs = _time_generator(gen, prompts, warm, repeats)
             lengths = lengths or [len(s.response_ids) for s in seqs]
 
         def floor(drafter, scorer):
@@ -120,32 +159,32 @@ def run(args) -> dict:
         floors = {}
         for name, pair in (("floor", (student, teacher)), ("floor_teacher_drafts", (teacher, student))):
             floor(*pair)
-            times, tokens = timed(lambda: floor(*pair), args.repeats)
+            times, tokens = timed(lambda: floor(*pair), repeats)
             floors[name] = {"tokens": tokens, **stats(times)}
     finally:
         teacher.shutdown()
         student.shutdown()
+    return results, floors
 
-    tps = lambda tokens, s: tokens / s["median_s"]
-    block_tps = tps(results["block"]["tokens"], results["block"])
-    step_tps = tps(results["stepwise"]["tokens"], results["stepwise"])
-    hf_stats = stats(hf_times)
-    hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floors["floor"]["tokens"], floors["floor"])
-    mirror_tps = tps(floors["floor_teacher_drafts"]["tokens"], floors["floor_teacher_drafts"])
-    return {
-        "benchmark": "rollout_throughput", "machine": machine_info(),
-        "config": {"models": args.models, "student": student_dir, "dtype": dtype, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                   "temperature": args.temperature, "tau0": cfg.switch.tau0, "decay": cfg.switch.decay,
-                   "schedule": cfg.switch.schedule, "repeats": args.repeats},
-        "tokens": results["block"]["tokens"],
-        "block": results["block"], "stepwise": results["stepwise"],
-        "hf": {"tokens": hf_tokens, **hf_stats}, **floors,
-        "block_tokens_per_s": block_tps, "stepwise_tokens_per_s": step_tps,
-        "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps, "floor_teacher_drafts_tokens_per_s": mirror_tps,
-        "block_over_stepwise": block_tps / step_tps, "floor_over_block": floor_tps / block_tps,
-        "floor_teacher_drafts_over_block": mirror_tps / block_tps,
-        "block_over_hf": block_tps / hf_tps,
-    }
+
+def _time_generator(gen, prompts, warm, repeats: int) -> tuple[dict, list]:
+    """One untimed call on ``warm``, then ``repeats`` timed calls on ``prompts``: (result entry, last sequences)."""
+    gen.generate(warm)
+    times, seqs = timed(lambda: gen.generate(prompts), repeats)
+    tokens = sum(len(s.response_ids) for s in seqs)
+    return {"tokens": tokens, **stats(times), "teacher_fraction": _teacher_fraction(seqs)}, seqs
+
+
+def _lockstep(model, cfg, prompts, warm, eos, repeats: int) -> dict:
+    """Lockstep SWITCH on its own PairEngine (prefix caching off: not the block engines), shut down after."""
+    from switchkd.rollout.engines import start_engines
+    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+
+    engines = start_engines(model, cfg)   # (pair, pair): one PairEngine's handle twice
+    try:
+        return _time_generator(VLLMSwitchGenerator(model, cfg, {eos}, engines=engines), prompts, warm, repeats)[0]
+    finally:
+        engines[0].shutdown()
 
 
 def _teacher_fraction(seqs) -> float:

@@ -3,18 +3,21 @@
     python benchmarks/scaling.py rollout [--quick] [--repeats N] [--json out.json]
     python benchmarks/scaling.py trainer [--quick] [--json out.json]
 
-rollout: one teacher and one student vLLM engine (the tiny pair, in-process, started once)
-serve every point. Each point is timed over --repeats calls after one untimed call of the same
-point (warm-up), for block-speculative SWITCH and for the floor of rollout_throughput.py
-(student decode with full-vocab log-probs + ONE teacher prefill over the same tokens). EOS is
-ignored, so every response is exactly max_new_tokens long and a point's work is batch x length
-tokens. The points are chosen so that the whole sweep takes ~5 min on 2 idle cores. Three sweeps:
+rollout: the tiny pair, in-process, one set of engines at a time: a teacher and a student vLLM
+engine serve every point for block-speculative SWITCH (and stepwise on the tau0 sweep) and for
+the floor of rollout_throughput.py (student decode with full-vocab log-probs + ONE teacher
+prefill over the same tokens); then they are shut down and one PairEngine serves every point
+again for lockstep SWITCH (rollout.mode's default, the headline; block is kept for
+comparison). Each point is timed over --repeats calls after one untimed call of the same
+point (warm-up). EOS is ignored, so every response is exactly max_new_tokens long and a
+point's work is batch x length tokens. The points are chosen so that the whole sweep takes
+~5 min on 2 idle cores. Three sweeps:
   * length: batch 4, response length 64 .. 1024;
   * batch:  length 64, batch 1 .. 64;
   * tau0:   batch 8, length 64, tau0 from 0 (the teacher owns every token) to 0.7 >= ln 2
-            (the student owns every token), block vs stepwise vs floor: how the teacher
-            fraction moves the block-speculative speed-up (block over stepwise) and the gap
-            to the floor.
+            (the student owns every token), lockstep vs block vs stepwise vs floor: how the
+            teacher fraction moves the block-speculative speed-up (block over stepwise) and
+            the gap to the floor.
 
 trainer: the model of trainer_throughput.py (4 layers, hidden 256, vocab 512), 8 rows, micro
 batch 4, prompt 16, response length 64 .. 1024; the plain PyTorch loop and DeepSpeed ZeRO-1
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -60,13 +64,13 @@ def _machine() -> dict:
 # ---------------------------------------------------------------- rollout
 
 class RolloutBench:
-    """The tiny pair's two engines, and timers for block / stepwise SWITCH and the floor at one point."""
+    """The tiny pair, one set of engines at a time (``start``), and timers for SWITCH (any mode) and the
+    floor at one point."""
 
     def __init__(self, repeats: int):
         import rollout_throughput as rt
 
-        from switchkd.rollout.config import ModelConfig, RolloutConfig
-        from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+        from switchkd.rollout.config import ModelConfig
 
         self.repeats = repeats
         teacher_dir, student_dir, dtype = rt._models("tiny")
@@ -76,15 +80,26 @@ class RolloutBench:
                                             seed=prompts[i % len(prompts)].seed + 7919 * (i // len(prompts)))
                         for i in range(max(64, len(prompts)))]
         self.model = ModelConfig(teacher=teacher_dir, student=student_dir, dtype=dtype)
-        base = RolloutConfig(engine="vllm", temperature=1.0)
+        self.engines = None
+        self.engine_start_s = {}
+
+    def start(self, mode: str) -> None:
+        """Shut the current engines down, then start the ones ``mode`` runs on: "block" = a teacher and a
+        student engine (block, stepwise, floor); "lockstep" = one PairEngine (prefix caching off)."""
+        from switchkd.rollout.config import RolloutConfig
+        from switchkd.rollout.engines import start_engines
+
+        self.shutdown()
         start = time.perf_counter()
-        self.teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(teacher_dir, self.model, base.teacher, 0)))
-        self.student = EngineHandle(engine=StudentEngine(**engine_kwargs(student_dir, self.model, base.student, 0)))
-        self.engine_start_s = time.perf_counter() - start
+        self.engines = start_engines(self.model, RolloutConfig(engine="vllm", mode=mode, temperature=1.0))
+        self.engine_start_s[mode] = time.perf_counter() - start
 
     def shutdown(self) -> None:
-        self.teacher.shutdown()
-        self.student.shutdown()
+        if self.engines is not None:
+            for handle in self.engines:  # idempotent: lockstep's handle is both
+                handle.shutdown()
+            self.engines = None
+            gc.collect()
 
     def _generator(self, batch: int, length: int, mode: str, tau0: float):
         from switchkd.rollout.config import RolloutConfig, SwitchConfig
@@ -93,7 +108,7 @@ class RolloutBench:
         cfg = RolloutConfig(engine="vllm", mode=mode, temperature=1.0, max_new_tokens=length, batch_size=batch,
                             switch=SwitchConfig(tau0=tau0))
         # No EOS: every response runs to max_new_tokens, so a point's work is exactly batch x length.
-        return VLLMSwitchGenerator(self.model, cfg, set(), engines=(self.teacher, self.student))
+        return VLLMSwitchGenerator(self.model, cfg, set(), engines=self.engines)
 
     def switch(self, batch: int, length: int, mode: str = "block", tau0: float = 0.4) -> dict:
         gen, prompts = self._generator(batch, length, mode, tau0), self.prompts[:batch]
@@ -109,12 +124,13 @@ class RolloutBench:
     def floor(self, batch: int, length: int) -> dict:
         prompts = self.prompts[:batch]
         ids = [p.token_ids for p in prompts]
+        teacher, student = self.engines
 
         def run():
-            drafts = self.student.decode_async(ids, [length] * batch, temperature=1.0, seeds=[p.seed for p in prompts],
-                                               positions=[0] * batch, stop_token_ids=[]).result()
-            self.teacher.score_async([i + d.token_ids.tolist() for i, d in zip(ids, drafts)],
-                                     [len(i) for i in ids]).result()
+            drafts = student.decode_async(ids, [length] * batch, temperature=1.0, seeds=[p.seed for p in prompts],
+                                          positions=[0] * batch, stop_token_ids=[]).result()
+            teacher.score_async([i + d.token_ids.tolist() for i, d in zip(ids, drafts)],
+                                [len(i) for i in ids]).result()
             return sum(len(d.token_ids) for d in drafts)
 
         run()
@@ -127,11 +143,14 @@ def rollout_sweeps(args) -> dict:
     bench = RolloutBench(args.repeats)
     out = {"benchmark": "scaling_rollout", "config": {"models": "tiny", "dtype": "float32", "temperature": 1.0,
                                                        "decay": 0.005, "schedule": "exp", "eos": "ignored",
-                                                       "repeats": args.repeats, "sweeps": sweeps},
-           "engine_start_s": bench.engine_start_s}
+                                                       "repeats": args.repeats, "sweeps": sweeps}}
+    s = sweeps
+    points = {"length": [(s["length"]["batch"], n, 0.4) for n in s["length"]["lengths"]],
+              "batch": [(b, s["batch"]["length"], 0.4) for b in s["batch"]["batches"]],
+              "tau0": [(s["tau0"]["batch"], s["tau0"]["length"], t) for t in s["tau0"]["tau0s"]]}
     start = time.perf_counter()
     try:
-        def point(batch, length, tau0=0.4, stepwise=False):
+        def point(batch, length, tau0, stepwise):
             row = {"batch": batch, "length": length, "tau0": tau0,
                    "block": bench.switch(batch, length, "block", tau0), "floor": bench.floor(batch, length)}
             if stepwise:
@@ -143,17 +162,32 @@ def rollout_sweeps(args) -> dict:
                   f"teacher {row['block']['teacher_fraction']:.2f}", flush=True)
             return row
 
-        s = sweeps["length"]
-        out["length"] = [point(s["batch"], n) for n in s["lengths"]]
-        s = sweeps["batch"]
-        out["batch"] = [point(b, s["length"]) for b in s["batches"]]
-        s = sweeps["tau0"]
-        out["tau0"] = [point(s["batch"], s["length"], tau0=t, stepwise=True) for t in s["tau0s"]]
+        def lockstep(row):
+            row["lockstep"] = lock = bench.switch(row["batch"], row["length"], "lockstep", row["tau0"])
+            row["floor_over_lockstep"] = row["floor"]["tokens_per_s"] / lock["tokens_per_s"]
+            row["lockstep_over_block"] = lock["tokens_per_s"] / row["block"]["tokens_per_s"]
+            if "stepwise" in row:
+                row["lockstep_over_stepwise"] = lock["tokens_per_s"] / row["stepwise"]["tokens_per_s"]
+            print(f"batch {row['batch']:3d} length {row['length']:5d} tau0 {row['tau0']:.2f}: lockstep "
+                  f"{lock['tokens_per_s']:8.1f} tok/s, floor/lockstep {row['floor_over_lockstep']:.2f}, "
+                  f"lockstep/block {row['lockstep_over_block']:.2f}, teacher {lock['teacher_fraction']:.2f}", flush=True)
+
+        # One set of engines at a time: every point on the teacher + student engines, then on the PairEngine.
+        bench.start("block")
+        for sweep, pts in points.items():
+            out[sweep] = [point(*pt, stepwise=sweep == "tau0") for pt in pts]
+        bench.start("lockstep")
+        for sweep in points:
+            for row in out[sweep]:
+                lockstep(row)
     finally:
         bench.shutdown()
     out["seconds"] = time.perf_counter() - start
+    out["engine_start_s"] = bench.engine_start_s["block"]
+    out["lockstep_engine_start_s"] = bench.engine_start_s["lockstep"]
     out["machine"] = _machine()
     out["superlinear"] = superlinearity(out["length"], "length", lambda r: r["block"]["median_s"])
+    out["superlinear_lockstep"] = superlinearity(out["length"], "length", lambda r: r["lockstep"]["median_s"])
     out["superlinear_floor"] = superlinearity(out["length"], "length", lambda r: r["floor"]["median_s"])
     return out
 

@@ -42,7 +42,7 @@ def test_configs_are_frozen():
     ("rollout.switch.tau0=-0.1", "rollout.switch.tau0=-0.1: must be >= 0.0"),
     ("rollout.switch.schedule=cosine", "rollout.switch.schedule='cosine': allowed values are exp, linear, const"),
     ("rollout.engine=trt", "rollout.engine='trt': allowed values are hf, vllm"),
-    ("rollout.mode=fast", "rollout.mode='fast': allowed values are block, stepwise"),
+    ("rollout.mode=fast", "rollout.mode='fast': allowed values are lockstep, block, stepwise"),
     ("rollout.max_new_tokens=1.5", "rollout.max_new_tokens=1.5: expected int, got float"),
     ("rollout.max_new_tokens=true", "expected int, got bool"),
     ("rollout.max_new_tokens=0", "must be >= 1"),

@@ -7,13 +7,15 @@ from switchkd.rollout.local_ray import init_local_ray
 from switchkd.rollout.schema import read_rollouts
 
 
-def test_ray_actor_engines_match_in_process(tiny_models, tmp_path):
+@pytest.mark.parametrize("mode", ["lockstep", "block"])
+def test_ray_actor_engines_match_in_process(tiny_models, tmp_path, mode):
+    """Lockstep: one PairEngine actor; block: a teacher and a student actor."""
     ray = pytest.importorskip("ray")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "the man said {w}"}}\n' for w in ("yes", "no", "water", "people")))
     model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
     data = DataConfig(prompts=str(prompts))
-    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=24)
+    cfg = RolloutConfig(engine="vllm", mode=mode, temperature=1.0, max_new_tokens=24)
     run_generate(model, data, cfg, str(tmp_path / "local.parquet"))
     init_local_ray(num_cpus=2, log_to_driver=False)
     try:

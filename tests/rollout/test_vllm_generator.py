@@ -1,7 +1,7 @@
-"""vLLM SWITCH generators (block-speculative and stepwise) against the HF reference.
+"""vLLM SWITCH generators (lockstep, block-speculative and stepwise) against the HF reference.
 
 Greedy float32: tokens and owners identical to the HF reference on 32 prompts x 128
-tokens for every schedule. Sampling: block and stepwise make the very same draws
+tokens for every schedule, in every mode. Sampling: the three modes make the very same draws
 (tokens are keyed by seed and position), and those draws follow the owner's
 distribution (chi-square). The baseline owner rules (SKD, on-policy, SeqKD) and the
 reference source (KD on ground truth) are checked the same way against the HF reference.
@@ -14,7 +14,7 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig, SwitchConfig
-from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+from switchkd.rollout.engines import EngineHandle, PairEngine, StudentEngine, TeacherEngine, engine_kwargs
 from switchkd.rollout.generate import build_generator
 from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
 from switchkd.rollout.sequences import Prompt
@@ -24,15 +24,22 @@ EOS = 2
 SCHEDULES = [("exp", 0.42, 0.008), ("linear", 0.42, 0.005), ("const", 0.37, 0.0)]
 
 
+MODES = ("lockstep", "block", "stepwise")
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_models):
+    """Engine handles by rollout.mode: a separate teacher and student (block, stepwise), and one
+    PairEngine handle twice (lockstep: both engines in one, without prefix caching)."""
     model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
     rollout = RolloutConfig(engine="vllm")
     teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(model.teacher, model, rollout.teacher, 0)))
     student = EngineHandle(engine=StudentEngine(**engine_kwargs(model.student, model, rollout.student, 0)))
-    yield teacher, student
-    teacher.shutdown()
-    student.shutdown()
+    pair = EngineHandle(engine=PairEngine(engine_kwargs(model.teacher, model, rollout.teacher, 0),
+                                          **engine_kwargs(model.student, model, rollout.student, 0)))
+    yield {"block": (teacher, student), "stepwise": (teacher, student), "lockstep": (pair, pair)}
+    for handle in (teacher, student, pair):
+        handle.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def _prompts(n, seed):
 
 
 def _vllm(engines, cfg):
-    return VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=engines)
+    return VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=engines[cfg.mode])
 
 
 def _assert_same_record(mode: str, ref, got) -> None:
@@ -59,7 +66,7 @@ def _assert_same_record(mode: str, ref, got) -> None:
 
 
 @pytest.mark.parametrize("schedule,tau0,decay", SCHEDULES)
-def test_greedy_block_and_stepwise_equal_hf_reference(engines, hf_models, schedule, tau0, decay):
+def test_greedy_every_mode_equals_hf_reference(engines, hf_models, schedule, tau0, decay):
     cfg = RolloutConfig(engine="vllm", temperature=0.0, max_new_tokens=128, batch_size=32,
                         switch=SwitchConfig(tau0=tau0, decay=decay, schedule=schedule))
     prompts = _prompts(32, seed=len(schedule))
@@ -67,23 +74,28 @@ def test_greedy_block_and_stepwise_equal_hf_reference(engines, hf_models, schedu
     owners = np.concatenate([r.owner for r in reference])
     assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
     assert sum(len(r.response_ids) for r in reference) > 32 * 100
-    for mode in ("block", "stepwise"):
+    for mode in MODES:
         seqs = _vllm(engines, dataclasses.replace(cfg, mode=mode)).generate(prompts)
         for ref, got in zip(reference, seqs):
             _assert_same_record(mode, ref, got)
             np.testing.assert_array_equal(np.stack(got.topk_ids)[:, :3], np.stack(ref.topk_ids)[:, :3])
 
 
-def test_sampled_block_equals_stepwise_draw_for_draw(engines):
-    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=64, batch_size=16,
+def test_sampled_modes_equal_draw_for_draw(engines):
+    cfg = RolloutConfig(engine="vllm", mode="block", temperature=1.0, max_new_tokens=64, batch_size=16,
                         switch=SwitchConfig(tau0=0.4, decay=0.01))
     prompts = _prompts(16, seed=99)
     block = _vllm(engines, cfg).generate(prompts)
-    stepwise = _vllm(engines, dataclasses.replace(cfg, mode="stepwise")).generate(prompts)
-    for b, s in zip(block, stepwise):
-        assert b.response_ids == s.response_ids and b.owner == s.owner
-    again = _vllm(engines, dataclasses.replace(cfg, batch_size=5)).generate(prompts)
-    assert [s.response_ids for s in again] == [s.response_ids for s in block], "seeded runs must reproduce"
+    assert 0 < np.mean(np.concatenate([s.owner for s in block])) < 1
+    for mode in ("stepwise", "lockstep"):
+        other = _vllm(engines, dataclasses.replace(cfg, mode=mode)).generate(prompts)
+        for b, s in zip(block, other):
+            assert b.response_ids == s.response_ids and b.owner == s.owner, mode
+            np.testing.assert_allclose(s.jsd, b.jsd, atol=1e-5)
+            np.testing.assert_allclose(np.stack(s.topk_lps), np.stack(b.topk_lps), atol=1e-4)
+    for mode in MODES:
+        again = _vllm(engines, dataclasses.replace(cfg, mode=mode, batch_size=5)).generate(prompts)
+        assert [s.response_ids for s in again] == [s.response_ids for s in block], f"{mode}: seeded runs must reproduce"
 
 
 def test_sampled_first_tokens_follow_owner_distribution(engines, hf_models):
@@ -94,7 +106,7 @@ def test_sampled_first_tokens_follow_owner_distribution(engines, hf_models):
     prompt_ids = _prompts(1, seed=5)[0].token_ids
     prompts = [Prompt(i, prompt_ids, switch.prompt_seed(123, i)) for i in range(n)]
     cfg = RolloutConfig(engine="vllm", temperature=temperature, max_new_tokens=1, batch_size=n)
-    seqs = _vllm(engines, cfg).generate(prompts)
+    seqs = _vllm(engines, cfg).generate(prompts)  # lockstep: the token is drawn inside the engines
     owner = seqs[0].owner[0]
     assert all(s.owner == [owner] for s in seqs)
     model = hf_models[0] if owner == switch.TEACHER else hf_models[1]
@@ -110,7 +122,7 @@ def test_sampled_first_tokens_follow_owner_distribution(engines, hf_models):
 def test_block_mode_speculates_long_runs(engines):
     """A student that owns every token (tau0 > ln 2) is drafted in k = 8, 16, 32 ... blocks: at most 4
     drafts per sequence and a handful of engine calls, where stepwise needs 2 calls per token."""
-    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=64, batch_size=8,
+    cfg = RolloutConfig(engine="vllm", mode="block", temperature=1.0, max_new_tokens=64, batch_size=8,
                         switch=SwitchConfig(tau0=0.7, decay=0.0, schedule="const"))
     block, stepwise = _vllm(engines, cfg), _vllm(engines, dataclasses.replace(cfg, mode="stepwise"))
     seqs = block.generate(_prompts(8, seed=4))
@@ -129,9 +141,9 @@ RULE_CASES = [("skd", 0.0, 16, 96), ("skd", 1.0, 16, 64), ("student", 1.0, 16, 6
 
 
 @pytest.mark.parametrize("rule,temperature,n,max_new", RULE_CASES)
-def test_baseline_rules_block_and_stepwise_equal_hf_reference(engines, hf_models, rule, temperature, n, max_new):
+def test_baseline_rules_every_mode_equals_hf_reference(engines, hf_models, rule, temperature, n, max_new):
     """SKD (the decision depends on the student's seeded proposal), on-policy and SeqKD: block and
-    stepwise give the HF reference's tokens and owners, greedy and sampled."""
+    stepwise and lockstep give the HF reference's tokens and owners, greedy and sampled."""
     cfg = RolloutConfig(engine="vllm", temperature=temperature, max_new_tokens=max_new, batch_size=n,
                         switch=SwitchConfig(rule=rule, skd_topk=64))
     prompts = _prompts(n, seed=17 + n)
@@ -142,7 +154,7 @@ def test_baseline_rules_block_and_stepwise_equal_hf_reference(engines, hf_models
         assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
     else:
         assert set(owners.tolist()) == {switch.STUDENT if rule == "student" else switch.TEACHER}
-    for mode in ("block", "stepwise"):
+    for mode in MODES:
         generator = _vllm(engines, dataclasses.replace(cfg, mode=mode))
         seqs = generator.generate(prompts)
         for ref, got in zip(reference, seqs):
@@ -155,7 +167,7 @@ def test_baseline_rules_block_and_stepwise_equal_hf_reference(engines, hf_models
 
 def test_skd_block_mode_is_independent_of_block_boundaries(engines):
     """Other draft lengths and batch sizes move every block boundary; the SKD draws must not move."""
-    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=40, batch_size=8,
+    cfg = RolloutConfig(engine="vllm", mode="block", temperature=1.0, max_new_tokens=40, batch_size=8,
                         switch=SwitchConfig(rule="skd", skd_topk=64))
     prompts = _prompts(8, seed=31)
     base = _vllm(engines, cfg).generate(prompts)
@@ -183,7 +195,7 @@ def test_reference_source_scores_the_reference_like_a_teacher_forward(engines, h
     max_new, k = 24, 8
     cfg = RolloutConfig(engine=engine, source="reference", max_new_tokens=max_new, batch_size=4, teacher_topk=k)
     model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
-    generator = build_generator(model, cfg, {EOS}, engines=engines if engine == "vllm" else None)
+    generator = build_generator(model, cfg, {EOS}, engines=engines["block"] if engine == "vllm" else None)
     prompts = _reference_prompts(9, seed=8)
     seqs = generator.generate(prompts)
     assert [s.prompt.index for s in seqs] == [p.index for p in prompts if p.reference_ids]
@@ -211,7 +223,7 @@ def test_block_rollout_stopped_half_way_leaves_the_engines_clean(engines, monkey
     """An error in the middle of a block rollout (requests still running in both engines) is
     raised, no request stays behind in either engine, and the next rollout is the same as one on
     fresh engines would be."""
-    cfg = RolloutConfig(engine="vllm", temperature=1.0, max_new_tokens=48, batch_size=8,
+    cfg = RolloutConfig(engine="vllm", mode="block", temperature=1.0, max_new_tokens=48, batch_size=8,
                         switch=SwitchConfig(tau0=0.42, decay=0.008))
     prompts = _prompts(8, seed=41)
     want = [s.response_ids for s in _vllm(engines, cfg).generate(prompts)]
@@ -227,6 +239,6 @@ def test_block_rollout_stopped_half_way_leaves_the_engines_clean(engines, monkey
     monkeypatch.setattr(generator, "_walk_block", failing_walk)
     with pytest.raises(RuntimeError, match="injected"):
         generator.generate(prompts)
-    assert all(not h.engine.llm.llm_engine.has_unfinished_requests() for h in engines)
+    assert all(not h.engine.llm.llm_engine.has_unfinished_requests() for h in engines["block"])
     monkeypatch.undo()
     assert [s.response_ids for s in _vllm(engines, cfg).generate(prompts)] == want
