@@ -7,7 +7,7 @@
 Each part runs as its own subprocess (a vLLM CPU engine pins the torch threads of its process,
 so parts must not share one), writing benchmarks/results/<name>.json:
 
-    rollout   rollout_throughput.py  -> rollout_<pair>.json     block / stepwise / HF / floor
+    rollout   rollout_throughput.py  -> rollout_<pair>.json     lockstep / block / stepwise / HF / floor
     trainer   trainer_throughput.py  -> trainer.json            DeepSpeed ZeRO 1-3 vs a plain loop
     sync      weight_sync.py         -> weight_sync.json        shm / collective vs model size
     e2e       e2e.py                 -> e2e_<pair>.json         closed loop SWITCH + GKD vs TRL GKDTrainer
@@ -44,7 +44,8 @@ sys.path.insert(0, str(HERE))
 from common import machine_info, write_json  # noqa: E402
 
 PARTS = ("rollout", "trainer", "sync", "e2e", "scaling", "trl")
-TARGETS = {"e2e_switch_over_trl_samples_per_s": (">=", 3.0), "rollout_floor_over_block_every_length": ("<=", 1.5),
+# The rollout target is judged on rollout.mode's default, lockstep (block is shown beside it).
+TARGETS = {"e2e_switch_over_trl_samples_per_s": (">=", 3.0), "rollout_floor_over_lockstep_every_length": ("<=", 1.5),
            "trainer_zero1_over_plain": (">=", 0.9)}
 
 
@@ -136,9 +137,19 @@ def _rates(e2e: dict, method: str) -> dict:
             "fastest_step": batch / res["step_s"]["min_s"]}
 
 
-def _best_floor_over_block(row: dict) -> float:
-    """floor tokens/s over block tokens/s, each from its fastest call."""
-    return (row["floor"]["tokens"] / row["floor"]["min_s"]) / (row["block"]["tokens"] / row["block"]["min_s"])
+def _best_floor_over(row: dict, mode: str = "block") -> float | None:
+    """floor tokens/s over ``mode``'s tokens/s, each from its fastest call; None when the row has no ``mode``
+    (a result file from before lockstep was measured)."""
+    if mode not in row:
+        return None
+    return (row["floor"]["tokens"] / row["floor"]["min_s"]) / (row[mode]["tokens"] / row[mode]["min_s"])
+
+
+def _growth(row: dict, prev: dict | None, mode: str, key: str) -> float | None:
+    """How much ``mode``'s median time grew from ``prev`` over how much the work (``key``) grew."""
+    if prev is None or mode not in row or mode not in prev:
+        return None
+    return (row[mode]["median_s"] / prev[mode]["median_s"]) / (row[key] / prev[key])
 
 
 def headline(out: Path) -> dict:
@@ -146,22 +157,25 @@ def headline(out: Path) -> dict:
     h, targets = {}, {}
     for pair in ("tiny", "smollm2"):
         if r := load(out, f"rollout_{pair}"):
-            h[f"rollout_{pair}"] = {k: r[k] for k in ("block_tokens_per_s", "stepwise_tokens_per_s", "hf_tokens_per_s",
-                                                      "floor_tokens_per_s", "floor_over_block", "block_over_stepwise",
-                                                      "block_over_hf")}
+            h[f"rollout_{pair}"] = {k: r[k] for k in ("lockstep_tokens_per_s", "block_tokens_per_s",
+                                                      "stepwise_tokens_per_s", "hf_tokens_per_s", "floor_tokens_per_s",
+                                                      "floor_over_lockstep", "lockstep_over_block", "floor_over_block",
+                                                      "block_over_stepwise", "block_over_hf") if k in r}
             h[f"rollout_{pair}"]["teacher_fraction"] = r["block"]["teacher_fraction"]
     if r := load(out, "scaling_rollout"):
-        # Fastest calls: on a shared machine other people's load only ever slows a call down.
-        worst = max(_best_floor_over_block(row) for row in r["length"])
-        h["scaling_rollout"] = {"floor_over_block_by_length": {row["length"]: row["floor_over_block"]
-                                                               for row in r["length"]},
-                                "best_floor_over_block_by_length": {row["length"]: _best_floor_over_block(row)
-                                                                    for row in r["length"]},
-                                "floor_over_block_by_batch": {row["batch"]: row["floor_over_block"] for row in r["batch"]},
-                                "tau0": [{"tau0": row["tau0"], "teacher_fraction": row["block"]["teacher_fraction"],
-                                          "block_over_stepwise": row["block_over_stepwise"],
-                                          "floor_over_block": row["floor_over_block"]} for row in r["tau0"]]}
-        targets["rollout_floor_over_block_every_length"] = worst
+        h["scaling_rollout"] = {f"{name}_by_{sweep}": {row[sweep]: row.get(name) for row in r[sweep]}
+                                for name in ("floor_over_lockstep", "floor_over_block") for sweep in ("length", "batch")}
+        for mode in ("lockstep", "block"):
+            h["scaling_rollout"][f"best_floor_over_{mode}_by_length"] = {row["length"]: _best_floor_over(row, mode)
+                                                                         for row in r["length"]}
+        h["scaling_rollout"]["tau0"] = [{"tau0": row["tau0"], "teacher_fraction": row["block"]["teacher_fraction"],
+                                         **{k: row.get(k) for k in ("block_over_stepwise", "lockstep_over_block",
+                                                                    "floor_over_lockstep", "floor_over_block")}}
+                                        for row in r["tau0"]]
+        # Fastest calls: on a shared machine other people's load only ever slows a call down. A result file
+        # from before lockstep was measured has no lockstep rows: the target is listed, unmeasured (None).
+        best = [_best_floor_over(row, "lockstep") for row in r["length"]]
+        targets["rollout_floor_over_lockstep_every_length"] = None if None in best else max(best)
     if r := load(out, "trainer"):
         h["trainer"] = {"plain_tokens_per_s": r["plain"]["tokens_per_s"],
                         **{k: {"tokens_per_s": v["tokens_per_s"], "ratio_vs_plain": v["ratio_vs_plain"]}
@@ -191,7 +205,7 @@ def headline(out: Path) -> dict:
     for key, value in targets.items():
         op, bound = TARGETS[key]
         checked[key] = {"value": value, "required": f"{op} {bound}",
-                        "met": value >= bound if op == ">=" else value <= bound}
+                        "met": None if value is None else value >= bound if op == ">=" else value <= bound}
     return {"figures": h, "targets": checked}
 
 
@@ -234,8 +248,8 @@ def draw_all(out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(rollouts), figsize=(5 * len(rollouts), 4), squeeze=False)
         for ax, (pair, r) in zip(axes[0], rollouts.items()):
             c = r["config"]
-            _bars(ax, ["block", "stepwise", "HF reference", "floor"],
-                  [r[f"{m}_tokens_per_s"] for m in ("block", "stepwise", "hf", "floor")],
+            methods = [m for m in ("lockstep", "block", "stepwise", "hf", "floor") if f"{m}_tokens_per_s" in r]
+            _bars(ax, [{"hf": "HF reference"}.get(m, m) for m in methods], [r[f"{m}_tokens_per_s"] for m in methods],
                   f"rollout, {pair}: {c['prompts']} x {c['max_new_tokens']} tokens", "tokens/s (median)")
         made.append(_save(fig, plots / "rollout_methods.png"))
     if r := load(out, "trainer"):
@@ -278,30 +292,43 @@ def draw_all(out: Path) -> list[Path]:
             rows = r[sweep]
             x = [row[key] for row in rows]
             fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            lockstep = all("lockstep" in row for row in rows)
+            if lockstep:
+                axes[0].plot(x, [row["lockstep"]["tokens_per_s"] for row in rows], marker="D", label="lockstep SWITCH")
             axes[0].plot(x, [row["block"]["tokens_per_s"] for row in rows], marker="o", label="block SWITCH")
             axes[0].plot(x, [row["floor"]["tokens_per_s"] for row in rows], marker="s", label="floor")
             axes[0].set(xscale="log", xlabel=label, ylabel="tokens/s (median)", title=f"rollout tokens/s vs {sweep}")
             axes[0].set_xticks(x, [str(v) for v in x])
             axes[0].legend()
-            axes[1].plot(x, [row["floor_over_block"] for row in rows], marker="o", color="C3", label="median calls")
-            axes[1].plot(x, [_best_floor_over_block(row) for row in rows], marker="v", color="C4",
-                         label="fastest calls")
+            if lockstep:
+                axes[1].plot(x, [row["floor_over_lockstep"] for row in rows], marker="D", color="C0",
+                             label="floor / lockstep, median calls")
+                axes[1].plot(x, [_best_floor_over(row, "lockstep") for row in rows], marker="d", color="C2",
+                             label="floor / lockstep, fastest calls")
+            axes[1].plot(x, [row["floor_over_block"] for row in rows], marker="o", color="C3",
+                         label="floor / block, median calls")
+            axes[1].plot(x, [_best_floor_over(row) for row in rows], marker="v", color="C4",
+                         label="floor / block, fastest calls")
             axes[1].axhline(1.5, linestyle=":", color="grey", label="target 1.5")
-            axes[1].set(xscale="log", xlabel=label, ylabel="floor tokens/s / block tokens/s", title="gap to the floor")
+            axes[1].set(xscale="log", xlabel=label, ylabel="floor tokens/s / SWITCH tokens/s", title="gap to the floor")
             axes[1].set_xticks(x, [str(v) for v in x])
             axes[1].legend()
             made.append(_save(fig, plots / f"scaling_rollout_{sweep}.png"))
         rows = sorted(r["tau0"], key=lambda row: row["block"]["teacher_fraction"])
         frac = [row["block"]["teacher_fraction"] for row in rows]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for mode, marker in (("block", "o"), ("stepwise", "^"), ("floor", "s")):
-            axes[0].plot(frac, [row[mode]["tokens_per_s"] for row in rows], marker=marker, label=mode)
+        for mode, marker in (("lockstep", "D"), ("block", "o"), ("stepwise", "^"), ("floor", "s")):
+            if all(mode in row for row in rows):
+                axes[0].plot(frac, [row[mode]["tokens_per_s"] for row in rows], marker=marker, label=mode)
         for f, row in zip(frac, rows):
             axes[0].annotate(f"tau0={row['tau0']:g}", (f, row["block"]["tokens_per_s"]), fontsize=7)
         axes[0].set(xlabel="teacher-token fraction", ylabel="tokens/s (median)", title="rollout vs teacher fraction")
         axes[0].legend()
         axes[1].plot(frac, [row["block_over_stepwise"] for row in rows], marker="o", label="block / stepwise")
         axes[1].plot(frac, [row["floor_over_block"] for row in rows], marker="s", label="floor / block")
+        if all("lockstep" in row for row in rows):
+            axes[1].plot(frac, [row["floor_over_lockstep"] for row in rows], marker="D", label="floor / lockstep")
+            axes[1].plot(frac, [row["lockstep_over_block"] for row in rows], marker="d", label="lockstep / block")
         axes[1].set(xlabel="teacher-token fraction", ylabel="ratio", title="speed-up and gap vs teacher fraction")
         axes[1].legend()
         made.append(_save(fig, plots / "scaling_rollout_tau0.png"))
@@ -325,6 +352,9 @@ BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
 
 
 def _f(x, digits=3) -> str:
+    """A table cell: numbers to ``digits`` significant digits, "-" for a value the result file lacks."""
+    if x is None:
+        return "-"
     return f"{x:.{digits}g}" if isinstance(x, (int, float)) else str(x)
 
 
@@ -345,10 +375,11 @@ def render_tables(out: Path, summary: dict) -> str:
              "", "**Targets**:", ""]
     how = {"e2e_switch_over_trl_samples_per_s": "tiny pair; the lowest of the window, median-step and "
                                                  "fastest-step ratios",
-           "rollout_floor_over_block_every_length": "scaling sweep; the worst length, fastest calls",
+           "rollout_floor_over_lockstep_every_length": "scaling sweep, lockstep (the default mode); the worst "
+                                                       "length, fastest calls",
            "trainer_zero1_over_plain": "ZeRO-1, 1 worker; median of per-round time ratios"}
     lines += _table(["target", "taken as", "required", "measured", "met"],
-                    [[k, how.get(k, ""), t["required"], t["value"], "yes" if t["met"] else "**no**"]
+                    [[k, how.get(k, ""), t["required"], t["value"], {True: "yes", False: "**no**"}.get(t["met"], "-")]
                      for k, t in summary["targets"].items()])
     for pair in ("tiny", "smollm2"):
         r = load(out, f"e2e_{pair}")
@@ -382,34 +413,39 @@ def render_tables(out: Path, summary: dict) -> str:
     rollouts = [(pair, r) for pair in ("tiny", "smollm2") if (r := load(out, f"rollout_{pair}"))]
     if rollouts:
         lines += ["**Rollout** (`rollout_throughput.py`; tokens/s of the median call):", ""]
-        lines += _table(["pair", "prompts x tokens", "block", "stepwise", "HF reference", "floor", "floor / block",
-                         "block / stepwise", "block / HF", "teacher fraction"],
-                        [[pair, f"{r['config']['prompts']} x {r['config']['max_new_tokens']}", r["block_tokens_per_s"],
-                          r["stepwise_tokens_per_s"], r["hf_tokens_per_s"], r["floor_tokens_per_s"],
-                          r["floor_over_block"], r["block_over_stepwise"], r["block_over_hf"],
-                          r["block"]["teacher_fraction"]] for pair, r in rollouts])
+        lines += _table(["pair", "prompts x tokens", "lockstep", "block", "stepwise", "HF reference", "floor",
+                         "floor / lockstep", "floor / block", "lockstep / block", "block / stepwise", "block / HF",
+                         "teacher fraction"],
+                        [[pair, f"{r['config']['prompts']} x {r['config']['max_new_tokens']}",
+                          r.get("lockstep_tokens_per_s"), r["block_tokens_per_s"], r["stepwise_tokens_per_s"],
+                          r["hf_tokens_per_s"], r["floor_tokens_per_s"], r.get("floor_over_lockstep"),
+                          r["floor_over_block"], r.get("lockstep_over_block"), r["block_over_stepwise"],
+                          r["block_over_hf"], r["block"]["teacher_fraction"]] for pair, r in rollouts])
     if r := load(out, "scaling_rollout"):
         for sweep, key in (("length", "length"), ("batch", "batch")):
             lines += [f"**Rollout vs {sweep}** (tiny pair, EOS ignored, tau0 0.4, {r['config']['repeats']} timed calls "
                       "per point after one warm-up call):", ""]
             rows, prev = [], None
             for row in r[sweep]:
-                growth = "-" if prev is None else _f((row["block"]["median_s"] / prev["block"]["median_s"])
-                                                     / (row[key] / prev[key]))
-                rows.append([row["batch"], row["length"], row["block"]["tokens_per_s"], row["floor"]["tokens_per_s"],
-                             row["floor_over_block"], _best_floor_over_block(row), row["block"]["teacher_fraction"],
-                             row["block"]["engine_calls_per_generate"], growth])
+                rows.append([row["batch"], row["length"], row.get("lockstep", {}).get("tokens_per_s"),
+                             row["block"]["tokens_per_s"], row["floor"]["tokens_per_s"], row.get("floor_over_lockstep"),
+                             _best_floor_over(row, "lockstep"), row["floor_over_block"], _best_floor_over(row),
+                             row["block"]["teacher_fraction"], row["block"]["engine_calls_per_generate"],
+                             _growth(row, prev, "lockstep", key), _growth(row, prev, "block", key)])
                 prev = row
-            lines += _table(["batch", "length", "block tok/s", "floor tok/s", "floor / block",
-                             "floor / block (fastest calls)", "teacher fraction",
-                             "engine calls", "time growth / work growth"], rows)
+            lines += _table(["batch", "length", "lockstep tok/s", "block tok/s", "floor tok/s", "floor / lockstep",
+                             "floor / lockstep (fastest calls)", "floor / block", "floor / block (fastest calls)",
+                             "teacher fraction", "engine calls (block)", "time growth / work growth (lockstep)",
+                             "time growth / work growth (block)"], rows)
         t = r["config"]["sweeps"]["tau0"]
         lines += [f"**Teacher fraction and the block-speculative speed-up** (tiny pair, batch {t['batch']} x "
                   f"{t['length']} tokens):", ""]
-        lines += _table(["tau0", "teacher fraction", "block tok/s", "stepwise tok/s", "floor tok/s",
-                         "block / stepwise", "floor / block", "engine calls (block)"],
-                        [[row["tau0"], row["block"]["teacher_fraction"], row["block"]["tokens_per_s"],
-                          row["stepwise"]["tokens_per_s"], row["floor"]["tokens_per_s"], row["block_over_stepwise"],
+        lines += _table(["tau0", "teacher fraction", "lockstep tok/s", "block tok/s", "stepwise tok/s", "floor tok/s",
+                         "lockstep / block", "block / stepwise", "floor / lockstep", "floor / block",
+                         "engine calls (block)"],
+                        [[row["tau0"], row["block"]["teacher_fraction"], row.get("lockstep", {}).get("tokens_per_s"),
+                          row["block"]["tokens_per_s"], row["stepwise"]["tokens_per_s"], row["floor"]["tokens_per_s"],
+                          row.get("lockstep_over_block"), row["block_over_stepwise"], row.get("floor_over_lockstep"),
                           row["floor_over_block"], row["block"]["engine_calls_per_generate"]] for row in r["tau0"]])
     if r := load(out, "trainer"):
         lines += ["**Trainer** (`trainer_throughput.py`; response tokens/s, median step):", ""]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("tokens", "block_tokens_per_s", "stepwise_tokens_per_s", "hf_tokens_per_s", "floor_tokens_per_s",
-        "block_over_stepwise", "floor_over_block", "block_over_hf")
+        "block_over_stepwise", "floor_over_block", "block_over_hf",
+        "lockstep_tokens_per_s", "floor_over_lockstep", "lockstep_over_block", "floor_teacher_drafts_over_lockstep")
 
 
 def test_rollout_benchmark_quick(tmp_path):
@@ -18,4 +19,5 @@ def test_rollout_benchmark_quick(tmp_path):
     for key in KEYS:
         assert result[key] > 0, key
     assert result["tokens"] == result["block"]["tokens"] > 0
+    assert result["lockstep"]["tokens"] > 0 and result["lockstep"]["median_s"] > 0
     assert result["machine"]["versions"]["torch"]

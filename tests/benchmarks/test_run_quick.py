@@ -38,12 +38,22 @@ def test_run_quick_writes_every_result_and_plot(tmp_path):
         assert scaling[sweep] and all(row["block"]["tokens_per_s"] > 0 and row["floor_over_block"] > 0
                                       for row in scaling[sweep]), sweep
     assert all("block_over_stepwise" in row for row in scaling["tau0"])
+    for sweep in ("length", "batch", "tau0"):   # lockstep, the default mode, beside block
+        assert all(row["lockstep"]["tokens_per_s"] > 0 and row["floor_over_lockstep"] > 0
+                   and row["lockstep_over_block"] > 0 for row in scaling[sweep]), sweep
+    assert len(scaling["superlinear_lockstep"]) == len(scaling["length"]) - 1
+    rollout = json.loads((out / "rollout_tiny.json").read_text())
+    for key in ("lockstep_tokens_per_s", "floor_over_lockstep", "lockstep_over_block",
+                "floor_teacher_drafts_over_lockstep"):
+        assert rollout[key] > 0, key
+    assert summary["figures"]["rollout_tiny"]["floor_over_lockstep"] > 0
     trainer = json.loads((out / "scaling_trainer.json").read_text())
     assert all(row["plain"]["tokens_per_s"] > 0 and row["ratio_vs_plain"] > 0 for row in trainer["lengths"])
 
-    assert set(summary["targets"]) == {"e2e_switch_over_trl_samples_per_s", "rollout_floor_over_block_every_length",
+    assert set(summary["targets"]) == {"e2e_switch_over_trl_samples_per_s", "rollout_floor_over_lockstep_every_length",
                                        "trainer_zero1_over_plain"}
     assert all(t["met"] is None for t in summary["targets"].values())   # --quick checks no target
+    assert summary["targets"]["rollout_floor_over_lockstep_every_length"]["value"] > 0
     for plot in PLOTS:
         png = out / "plots" / f"{plot}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
