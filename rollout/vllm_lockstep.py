@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from switchkd.rollout import switch
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
 
 LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
-MAX_FOLLOWER_STEPS = 4               # teacher steps one student step may need (prefill + first sample)
 _EXCHANGES: dict[int, "Exchange"] = {}
 _ids = itertools.count()
 
@@ -49,7 +50,7 @@ class Exchange:
     seqs: dict[int, SequenceBuilder]
     eos_ids: set[int]
     max_new_tokens: int
-    step_teacher: callable = None
+    step_teacher: Callable[[], object] | None = None   # runs one teacher engine step
     id: int = field(default_factory=lambda: next(_ids))
     waiting: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)   # key -> (pos, student row)
     decided: dict[int, tuple[int, int]] = field(default_factory=dict)            # key -> (pos, token)
@@ -62,17 +63,13 @@ class Exchange:
         _EXCHANGES.pop(self.id, None)
 
     def student_rows(self, keys: list[int], positions: list[int], rows: torch.Tensor) -> list[int]:
-        """The student's rows of one step; steps the teacher until they are decided; the tokens."""
+        """The student's rows of one step; runs the teacher's step, which decides them; the tokens."""
         for key, pos, row in zip(keys, positions, rows):
             self.waiting[key] = (pos, row)
-        for _ in range(MAX_FOLLOWER_STEPS):
-            if all(self.decided.get(k, (None,))[0] == p for k, p in zip(keys, positions)):
-                break
-            self.step_teacher()
-        else:
-            missing = [k for k, p in zip(keys, positions) if self.decided.get(k, (None,))[0] != p]
-            raise LockstepError(f"teacher engine out of step: sequences {missing[:8]} not decided after "
-                                f"{MAX_FOLLOWER_STEPS} teacher steps")
+        self.step_teacher()  # one teacher step decides them all: both engines schedule alike
+        missing = [k for k, p in zip(keys, positions) if self.decided.get(k, (None,))[0] != p]
+        if missing:
+            raise LockstepError(f"teacher engine out of step: sequences {missing[:8]} not decided by its step")
         return [self.decided[k][1] for k in keys]
 
     def teacher_rows(self, keys: list[int], positions: list[int], rows: torch.Tensor) -> list[int]:
@@ -101,8 +98,6 @@ class Exchange:
             tokens.append(token)
         return tokens
 
-
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality  # noqa: E402
 
 
 class LockstepLogitsProcessor(LogitsProcessor):
