@@ -48,6 +48,8 @@ from common import machine_info, stats, write_json  # noqa: E402
 
 TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
 CONFIGS = {"tiny": REPO / "configs" / "tiny.yaml", "smollm2": REPO / "configs" / "smollm2.yaml"}
+# The trainer's precision follows the pair's dtype, as TRL's does (trl_gkd.py: bf16=True for bfloat16).
+PRECISION = {"tiny": "fp32", "smollm2": "bf16"}
 METHOD_OVERRIDES = {"switch": [], "gkd": ["rollout.switch.rule=student"]}
 RUN_TIMEOUT_S = 1800
 
@@ -57,7 +59,8 @@ def settings(args) -> list[str]:
     return [f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
             f"trainer.micro_batch_size={min(4, args.batch_size)}", f"rollout.max_new_tokens={args.max_new_tokens}",
             f"trainer.lr={args.lr}", "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.loss=forward_kl",
-            f"data.prompts={args.prompts}", f"data.max_prompts={args.max_prompts}", "loop.export=false"]
+            f"data.prompts={args.prompts}", f"data.max_prompts={args.max_prompts}", "loop.export=false",
+            f"trainer.precision={PRECISION[args.models]}", *args.set]
 
 
 def write_prompt_ids(args, path: Path) -> dict:
@@ -235,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--prompts", default="configs/prompts/tiny.jsonl")
     parser.add_argument("--max-prompts", type=int, default=32)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra switchkd config overrides for every switchkd method (recorded in the commands)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if args.quick:
