@@ -23,7 +23,6 @@ from typing import Sequence
 import numpy as np
 
 FINISH_REASONS = ("stop", "length")
-LOCKSTEP_FQCN = "switchkd.rollout.vllm_lockstep:LockstepLogitsProcessor"
 
 
 @dataclass
@@ -87,7 +86,10 @@ def _configure_env(device: str, kv_cache_space_gb: float, threads: str) -> dict:
 
 
 class VLLMEngine:
-    """Owns one in-process ``vllm.LLM`` with the fast log-prob path and SWITCH sampler."""
+    """Owns one in-process ``vllm.LLM`` with the fast log-prob path and SWITCH sampler.
+    ``lockstep=True`` makes one half of a lockstep pair (vllm_lockstep, engines.PairEngine):
+    its logits processor, and no prefix caching, chunked prefill or async scheduling, so that
+    both engines of the pair schedule every step alike."""
 
     def __init__(
         self,
@@ -116,7 +118,7 @@ class VLLMEngine:
         self.max_model_len = int(max_model_len)
         extra = _configure_env(device, kv_cache_space_gb, str(threads))
 
-        from switchkd.rollout import vllm_fastpath  # version guard at import
+        from switchkd.rollout import vllm_fastpath, vllm_lockstep  # version guard at import
 
         vllm_fastpath.install()
         from vllm import LLM
@@ -134,11 +136,11 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=True,
             skip_tokenizer_init=True,
-            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN] + ([LOCKSTEP_FQCN] if lockstep else []),
+            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN] + ([vllm_lockstep.LOGITS_PROCESSOR_FQCN] if lockstep else []),
             worker_extension_cls=vllm_fastpath.WORKER_EXTENSION_FQCN,
             **extra,
         )
-        if lockstep:  # both engines must schedule identically (vllm_lockstep)
+        if lockstep:
             kwargs.update(enable_prefix_caching=False, enable_chunked_prefill=False, async_scheduling=False,
                           max_num_batched_tokens=max(self.max_model_len, 8192))
         if device != "cpu":

@@ -539,7 +539,39 @@ def switch_extra_args(seed: int, position: int, temperature: float) -> dict[str,
     return {SEED_KEY: int(seed), POSITION_KEY: int(position), TEMPERATURE_KEY: float(temperature)}
 
 
-class SwitchSamplingLogitsProcessor(LogitsProcessor):
+class RequestStateLogitsProcessor(LogitsProcessor):
+    """A logits processor with per-request state in ``self.states`` {batch index: state}, kept in
+    step with vLLM's persistent batch (requests added, removed and moved between indices).
+    Subclasses say which requests they act on with ``_new_state`` (None: not this one)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, Any] = {}
+
+    @staticmethod
+    def _new_state(params: SamplingParams, output_tok_ids: list[int]):
+        raise NotImplementedError
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not batch_update:
+            return
+        states = self.states
+        for index in batch_update.removed:
+            states.pop(index, None)
+        for index, params, _prompt, output_tok_ids in batch_update.added:
+            state = self._new_state(params, output_tok_ids) if params is not None else None
+            if state is None:
+                states.pop(index, None)
+            else:
+                states[index] = state
+        for a, b, direction in batch_update.moved:
+            sa, sb = states.pop(a, None), states.pop(b, None)
+            if sa is not None:
+                states[b] = sa
+            if direction == MoveDirectionality.SWAP and sb is not None:
+                states[a] = sb
+
+
+class SwitchSamplingLogitsProcessor(RequestStateLogitsProcessor):
     """Reproducible SWITCH sampling inside vLLM.
 
     For a request with ``extra_args = switch_extra_args(seed, t0, T)`` (and ``temperature=0``),
@@ -552,8 +584,7 @@ class SwitchSamplingLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         install()  # an engine core in its own process patches its worker here
-        # batch index -> (seed, first position, temperature, running output token list)
-        self.states: dict[int, tuple[int, int, float, list[int]]] = {}
+        super().__init__()  # states: batch index -> (seed, first position, temperature, running output token list)
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -581,25 +612,6 @@ class SwitchSamplingLogitsProcessor(LogitsProcessor):
             return None
         return (int(args[SEED_KEY]), int(args.get(POSITION_KEY, 0)),
                 float(args.get(TEMPERATURE_KEY, 1.0)), output_tok_ids)
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        states = self.states
-        for index in batch_update.removed:
-            states.pop(index, None)
-        for index, params, _prompt, output_tok_ids in batch_update.added:
-            state = self._new_state(params, output_tok_ids)
-            if state is None:
-                states.pop(index, None)
-            else:
-                states[index] = state
-        for a, b, direction in batch_update.moved:
-            sa, sb = states.pop(a, None), states.pop(b, None)
-            if sa is not None:
-                states[b] = sa
-            if direction == MoveDirectionality.SWAP and sb is not None:
-                states[a] = sb
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.states:

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
-
 from switchkd.rollout import switch
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.vllm_fastpath import RequestStateLogitsProcessor
 
 LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
 _EXCHANGES: dict[int, "Exchange"] = {}
@@ -100,12 +99,12 @@ class Exchange:
 
 
 
-class LockstepLogitsProcessor(LogitsProcessor):
+class LockstepLogitsProcessor(RequestStateLogitsProcessor):
     """Hands each lockstep request's row (log-softmax, float32: the sampler's own op) to its
     exchange and forces the token the exchange decided. Other requests are left alone."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        self.states: dict[int, tuple[int, int, int, list[int]]] = {}  # batch index -> (exchange, role, key, outputs)
+        super().__init__()  # states: batch index -> (exchange id, role, key, running output token list)
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -120,24 +119,10 @@ class LockstepLogitsProcessor(LogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return False
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        states = self.states
-        for index in batch_update.removed:
-            states.pop(index, None)
-        for index, params, _prompt, output_tok_ids in batch_update.added:
-            args = (params.extra_args or {}).get(LOCKSTEP_KEY) if params is not None else None
-            if args is None:
-                states.pop(index, None)
-            else:
-                states[index] = (int(args[0]), int(args[1]), int(args[2]), output_tok_ids)
-        for a, b, direction in batch_update.moved:
-            sa, sb = states.pop(a, None), states.pop(b, None)
-            if sa is not None:
-                states[b] = sa
-            if direction == MoveDirectionality.SWAP and sb is not None:
-                states[a] = sb
+    @staticmethod
+    def _new_state(params, output_tok_ids: list[int]):
+        args = (params.extra_args or {}).get(LOCKSTEP_KEY)
+        return None if args is None else (int(args[0]), int(args[1]), int(args[2]), output_tok_ids)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows = sorted(i for i in self.states if i < logits.shape[0])
