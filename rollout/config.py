@@ -119,15 +119,6 @@ class RolloutConfig:
             raise ValueError("rollout.student.server.url: only the teacher can run behind a server")
         if self.teacher.server.url is not None and self.engine != "vllm":
             raise ValueError("rollout.teacher.server.url: a teacher server needs rollout.engine=vllm")
-        if self.engine == "vllm" and self.mode == "lockstep" and self.source == "generate":
-            if self.teacher.server.url is not None:
-                raise ValueError("rollout.mode=lockstep runs both engines in one process: use rollout.mode=block "
-                                 "with rollout.teacher.server.url")
-            if self.teacher.device != self.student.device or self.teacher.tensor_parallel_size > 1 \
-                    or self.student.tensor_parallel_size > 1:
-                raise ValueError("rollout.mode=lockstep runs both engines in one process on one device: it needs "
-                                 "rollout.teacher.device == rollout.student.device and tensor_parallel_size 1 "
-                                 "(use rollout.mode=block otherwise)")
         for role, engine in (("teacher", self.teacher), ("student", self.student)):
             key = f"rollout.{role}"
             if engine.device == "cuda" and engine.num_gpus < engine.tensor_parallel_size:
@@ -138,3 +129,12 @@ class RolloutConfig:
             if engine.device == "cpu" and engine.tensor_parallel_size > 1:
                 raise ValueError(f"{key}.tensor_parallel_size={engine.tensor_parallel_size}: tensor parallelism "
                                  f"needs {key}.device=cuda")
+        if self.engine == "vllm" and self.mode == "lockstep" and self.source == "generate":
+            if self.teacher.server.url is not None:
+                raise ValueError("rollout.mode=lockstep runs both engines in one process: use rollout.mode=block "
+                                 "with rollout.teacher.server.url")
+            if self.teacher.device != self.student.device or self.teacher.tensor_parallel_size > 1 \
+                    or self.student.tensor_parallel_size > 1:
+                raise ValueError("rollout.mode=lockstep runs both engines in one process on one device: it needs "
+                                 "rollout.teacher.device == rollout.student.device and tensor_parallel_size 1 "
+                                 "(use rollout.mode=block otherwise)")

@@ -282,7 +282,8 @@ def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path):
             ("private Ray smaller than the plan (CPUs)", [f"cluster.num_cpus={rng.randint(1, 4)}",
                                                          f"trainer.cpus_per_worker={rng.randint(5, 64)}"],
              "cluster.num_cpus", True),
-            ("private Ray smaller than the plan (GPUs)", ["cluster.num_gpus=0", f"{engine}.device=cuda",
+            # engines on different devices: block mode (lockstep needs both on one device)
+            ("private Ray smaller than the plan (GPUs)", ["cluster.num_gpus=0", "rollout.mode=block", f"{engine}.device=cuda",
                                                          f"{engine}.num_gpus={rng.randint(1, 4)}"], "cluster.num_gpus", True),
         ]
     cases += [

@@ -194,16 +194,19 @@ def _kill(actor_class: str) -> None:
 
 def test_a_run_whose_engine_dies_without_restarts_fails_and_cleans_up(tiny_models, tmp_path, clean_machine):
     proc = _start_and_wait_for_first_step(tiny_models, tmp_path, "cluster.engine_max_restarts=0")
-    _kill("StudentEngine")
+    _kill("PairEngine")  # rollout.mode=lockstep: both engines in one actor
     _, err = proc.communicate(timeout=300)
     assert proc.returncode not in (0, 130), err[-3000:]
-    assert "StudentEngine" in err
+    assert "PairEngine" in err
 
 
-@pytest.mark.parametrize("victim", ["StudentEngine", "TeacherEngine"])
-def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_models, tmp_path, clean_machine, victim):
+@pytest.mark.parametrize("victim,mode", [("PairEngine", "lockstep"), ("StudentEngine", "block"),
+                                         ("TeacherEngine", "block")])
+def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_models, tmp_path, clean_machine, victim,
+                                                                      mode):
     """Kill an engine actor at a random point: Ray restarts it, the weights are re-synced, the
-    batch in flight is rolled out again; the prompt ledger of the epoch is exact."""
+    batch in flight is rolled out again; the prompt ledger of the epoch is exact. Lockstep hosts
+    both engines in one PairEngine actor; block mode has a teacher and a student actor."""
     import random
 
     from transformers import AutoTokenizer
@@ -211,7 +214,7 @@ def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_mode
     from switchkd.rollout.data import load_prompts
     from switchkd.rollout.schema import read_rollouts
 
-    args = _config(tiny_models, tmp_path, "trainer.epochs=3")  # long enough that the kill lands mid-run
+    args = _config(tiny_models, tmp_path, "trainer.epochs=3", f"rollout.mode={mode}")  # the kill lands mid-run
     proc = subprocess.Popen([*SWITCHKD, "train", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
