@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
 from switchkd.rollout import switch
 from switchkd.rollout.sequences import Prompt, SequenceBuilder
 from switchkd.rollout.vllm_fastpath import RequestStateLogitsProcessor
@@ -49,7 +50,7 @@ class Exchange:
     seqs: dict[int, SequenceBuilder]
     eos_ids: set[int]
     max_new_tokens: int
-    step_teacher: Callable[[], object] | None = None   # runs one teacher engine step
+    step_teacher: Callable[[], object]   # runs one teacher engine step
     id: int = field(default_factory=lambda: next(_ids))
     waiting: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)   # key -> (pos, student row)
     decided: dict[int, tuple[int, int]] = field(default_factory=dict)            # key -> (pos, token)
@@ -79,11 +80,10 @@ class Exchange:
             if got is None or got[0] != pos:
                 raise LockstepError(f"student engine out of step: sequence {key} at position {pos} has "
                                     f"no student row ({'none' if got is None else f'position {got[0]}'})")
-            student.append(got[1])
-        for key, pos in zip(keys, positions):
             if self.seqs[key].position != pos:
                 raise LockstepError(f"sequence {key}: the engines are at position {pos}, the rollout at "
                                     f"{self.seqs[key].position}")
+            student.append(got[1])
         student_lp = torch.stack(student)
         seeds = [self.seqs[k].prompt.seed for k in keys]
         d, tau, own = self.rule.decide(rows, student_lp, positions, seeds=seeds)
@@ -169,17 +169,16 @@ def run_lockstep(teacher, student, prompts: list[Prompt], rule: switch.OwnerRule
     max_len = min(teacher.max_model_len, student.max_model_len)
     block = max(teacher.block_size, student.block_size)
     capacity = min(e.vllm_config.cache_config.num_gpu_blocks for e in engines.values())
-    budgets = []
-    for i, p in enumerate(prompts):
-        budgets.append(min(max_new_tokens, max_len - len(p.token_ids)))
-        if budgets[-1] < 1:
+    budgets = [min(max_new_tokens, max_len - len(p.token_ids)) for p in prompts]
+    for p, budget in zip(prompts, budgets):
+        if budget < 1:
             raise ValueError(f"prompt {p.index}: {len(p.token_ids)} tokens leave no room for a response "
                              f"within max_model_len {max_len}")
     need = [-(-(len(p.token_ids) + m) // block) for p, m in zip(prompts, budgets)]
-    if max(need) > capacity:
+    if max(need, default=0) > capacity:
         raise ValueError(f"a sequence of {max(need) * block} tokens does not fit the smaller KV cache "
                          f"({capacity} blocks of {block}); raise rollout.*.kv_cache_space_gb")
-    exchange = Exchange(rule, dict(enumerate(seqs)), eos_ids, max_new_tokens, step_teacher=engines[switch.TEACHER].step)
+    exchange = Exchange(rule, dict(enumerate(seqs)), eos_ids, max_new_tokens, engines[switch.TEACHER].step)
     request_ids = [f"switchkd-lockstep-{exchange.id}-{key}" for key in range(len(seqs))]
     queue, running, used = list(range(len(seqs))), set(), 0
     with exchange:
