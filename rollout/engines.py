@@ -235,11 +235,7 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
     if rollout.mode == "lockstep" and rollout.source == "generate":
         kwargs = engine_kwargs(model.student, model, rollout.student, rollout.seed)
         kwargs["teacher_kwargs"] = engine_kwargs(model.teacher, model, rollout.teacher, rollout.seed)
-        if rollout.use_ray or placement is not None:
-            strategy = (placement or {}).get("student")
-            pair = EngineHandle(actor=_start_actor(PairEngine, rollout.student, kwargs, strategy, max_restarts))
-        else:
-            pair = EngineHandle(engine=PairEngine(**kwargs))
+        pair = _start(PairEngine, "student", rollout.student, kwargs, rollout, placement, max_restarts)
         return pair, pair
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))
     handles = []
@@ -249,13 +245,20 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
 
             handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
             continue
-        kwargs = engine_kwargs(path, model, engine, rollout.seed)
-        if rollout.use_ray or placement is not None:
-            strategy = (placement or {}).get("teacher" if cls is TeacherEngine else "student")
-            handles.append(EngineHandle(actor=_start_actor(cls, engine, kwargs, strategy, max_restarts)))
-        else:
-            handles.append(EngineHandle(engine=cls(**kwargs)))
+        role = "teacher" if cls is TeacherEngine else "student"
+        handles.append(_start(cls, role, engine, engine_kwargs(path, model, engine, rollout.seed), rollout,
+                              placement, max_restarts))
     return handles[0], handles[1]
+
+
+def _start(cls, role: str, engine: EngineConfig, kwargs: dict, rollout: RolloutConfig, placement: dict | None,
+           max_restarts: int) -> EngineHandle:
+    """One engine of class ``cls`` in ``role``'s place: a Ray actor (rollout.use_ray or a placement), else
+    in this process."""
+    if rollout.use_ray or placement is not None:
+        strategy = (placement or {}).get(role)
+        return EngineHandle(actor=_start_actor(cls, engine, kwargs, strategy, max_restarts))
+    return EngineHandle(engine=cls(**kwargs))
 
 
 def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=None, max_restarts: int = 0):
