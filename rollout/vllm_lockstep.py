@@ -98,7 +98,6 @@ class Exchange:
         return tokens
 
 
-
 class LockstepLogitsProcessor(RequestStateLogitsProcessor):
     """Hands each lockstep request's row (log-softmax, float32: the sampler's own op) to its
     exchange and forces the token the exchange decided. Other requests are left alone."""
