@@ -223,7 +223,7 @@ def bench_size(name: str, args, work: Path) -> dict:
             t1 = time.perf_counter()
             got = engine.update_weights(SyncTicket(version, "shm", str(path)).to_dict())
             t2 = time.perf_counter()
-            prune(root, keep=path)
+            prune(root, older_than=version)
             t3 = time.perf_counter()
             if got != version or engine.version() != version:
                 raise RuntimeError(f"shm sync of version {version}: engine reports {got}/{engine.version()}")

@@ -5,9 +5,18 @@
 
 ``loop.max_staleness=0`` is strictly on-policy: batch n+1 is rolled out after the sync of n+1.
 ``loop.max_staleness=1`` rolls batch n+1 out (engines driven from a background thread) while
-step n trains, with the weights of version n; the sync waits until that rollout is done, since
-an engine's weights never change under a running rollout. Every batch carries the version that
-made it; the staleness (trainer version - batch version) is checked against the bound and logged.
+step n trains, with the weights of version n. An engine's weights never change under a running
+rollout, so the sync is split in its two halves (cluster.sync): with shm, the trainer writes
+version n+1 as soon as step n is done, while rollout n+1 may still run, and the engine loads it at
+the start of the background job that rolls out batch n+2, while step n+1 trains. Neither half
+holds up the other side. Every batch carries the version that made it; the staleness (trainer
+version - batch version) is checked against the bound and logged.
+
+Each step's metrics record the sync work done during that step: ``sync_write_seconds`` (the
+trainer writing the version it just made), ``sync_load_seconds`` and ``engine_version`` (the
+engine's load that ran during the step and the version it serves at the end of it). With
+max_staleness=1 the engine loads version n during step n; after the last step it loads the final
+version, so the run ends with the engine serving the trainer's weights.
 
 The data order is a pure function of (trainer.seed, step), as in train-offline, so a checkpoint's
 step is its data position; prompt sampling seeds change per epoch.
@@ -106,9 +115,6 @@ class RolloutSource:
             schema.write_parquet(table, self.out_dir / f"step_{step:06d}.parquet")
         return RolloutBatch(step, table, version, summarize(seqs, {}, time.perf_counter() - start))
 
-    def submit(self, step: int, version: int):
-        return InBackground(self.run, step, version)
-
 
 def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     """Run the closed loop for trainer.max_steps (or trainer.epochs over the prompts); returns a summary."""
@@ -157,6 +163,10 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
 
 def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dict, progress: bool) -> dict:
     tc, bound = cfg.trainer, cfg.loop.max_staleness
+    # shm: the trainer writes version n+1 while rollout n+1 still runs, and the engine loads it at
+    # the start of the next background rollout, while step n+1 trains. A broadcast needs both
+    # sides, so a collective sync waits for the rollout.
+    write_early = cfg.sync.transport == "shm"
     first = last = None
     bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress)
     batch = source.run(trainer.step, sync.engine_version) if trainer.step < total else None
@@ -165,12 +175,18 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
         if trainer.policy_version - batch.version > bound:
             raise RuntimeError(f"step {step}: batch of version {batch.version} is older than loop.max_staleness="
                                f"{bound} allows at trainer version {trainer.policy_version}")
-        ahead = source.submit(step + 1, sync.engine_version) if bound and step + 1 < total else None
+        ahead = (InBackground(_load_and_roll_out, sync, sync.written, source, step + 1)
+                 if bound and step + 1 < total else None)
         last = trainer.train_step(batch.table, source=f"rollout of step {step}", log=False)
-        following = ahead.result() if ahead is not None else None   # the engine is idle before its sync
-        last.update(sync.push(), rollout_seconds=batch.summary.seconds,
+        written = sync.write() if write_early else {}
+        following, loaded = ahead.result() if ahead is not None else (None, {})  # the engine is idle now
+        written = written or sync.write()
+        if following is None:  # no rollout in the background: load the new version now
+            loaded = sync.load(sync.written)
+        last.update(written, **loaded, rollout_seconds=batch.summary.seconds,
                     rollout_tokens_per_s=batch.summary.tokens / max(batch.summary.seconds, 1e-9),
                     rollout_teacher_fraction=batch.summary.teacher_fraction, engine_restarts=source.engine_restarts)
+        last["engine_version"] = sync.engine_version
         trainer.log_metrics(last)
         first = first or last
         bar.update(1)
@@ -194,15 +210,20 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
     return out
 
 
+def _load_and_roll_out(sync, written, source: RolloutSource, step: int) -> tuple[RolloutBatch, dict]:
+    """The background job of max_staleness=1: load ``written`` into the engine, then roll out
+    ``step``; returns (the batch, the load's sync metrics)."""
+    loaded = sync.load(written)
+    return source.run(step, sync.engine_version), loaded
+
+
 def _recover_engines(engines, sync, timeout_s: float) -> int:
-    """After an engine died: wait for the restarted actors, put the trainer's current weights back
-    into the student engine (a restarted one serves its initial weights) and return its version."""
+    """After an engine died: wait for the restarted actors, give the student engine back the
+    weights it served (a restarted one serves its initial weights) and return its version."""
     for handle in engines:
         if handle.actor is not None:
             handle.wait_until_ready(timeout_s)
-    sync.reconnect()
-    sync.push()
-    return sync.engine_version
+    return sync.reload()
 
 
 def _check_same_node(pg, plan) -> None:

@@ -4,12 +4,21 @@ versioned, with a timeout on every wait and a bounded number of retries.
     with sync_root(cfg.sync) as root:          # before the trainer: outlives its writers
         ...start the trainer...
         sync = WeightSync(cfg.sync, trainer, student_handle, backend="gloo", probe_ids=[...], root=root)
-        info = sync.push()   # engine now serves trainer.policy_version; {"sync_seconds", ...}
+        info = sync.push()   # engine now serves trainer.policy_version; {"sync_load_seconds", ...}
+
+A sync has two halves, so that the closed loop can hide each behind other work:
+
+* ``write()``, the trainer's half. ``shm``: trainer rank 0 writes a version directory. The engine
+  may still be rolling out meanwhile: nothing it reads changes. ``collective``: the whole
+  broadcast, which needs the engine idle and receiving, so the transfer happens here.
+* ``load()``, the engine's half: load the newest written version (shm). The trainer is not
+  involved, so it may run while the trainer trains the next step.
 
 Transports (switchkd.rollout.weight_sync): ``shm`` writes a version directory and tells the
 engine to load it; ``collective`` starts the engine's receive, then has trainer rank 0 broadcast.
-A failed attempt leaves the engine on its previous version (it refuses bad files before loading);
-a collective group is rebuilt before a retry, since a broken broadcast leaves it unusable.
+A failed load leaves the engine on its previous version (it refuses bad files before loading)
+and is retried from the same file; a collective group is rebuilt before a retry, since a broken
+broadcast leaves it unusable.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +40,16 @@ log = logging.getLogger(__name__)
 # Largest total-variation distance between engine and trainer next-token distributions that
 # sync.check_equal accepts, by engine dtype (bf16 rounding moves probabilities by ~1e-2).
 CHECK_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 2e-2}
+RETRIABLE = (WeightSyncError, TimeoutError, *ENGINE_DIED)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A version the trainer wrote for the engine (shm), with the trainer's log-probs along the
+    probe (sync.check_equal), taken while the trainer still held exactly these weights."""
+    version: int
+    ticket: dict
+    reference: np.ndarray | None
 
 
 class WeightSync:
@@ -39,6 +59,8 @@ class WeightSync:
         self.cfg, self.trainer, self.engine, self.backend, self.dtype = cfg, trainer, engine, backend, dtype
         self.probe_ids, self.root = probe_ids, root
         self.engine_version = int(engine.call("version"))
+        self.written: Written | None = None    # the newest version written (shm)
+        self._loaded: Written | None = None    # what the engine serves, to load again after a restart (shm)
         if cfg.transport == "collective":
             self._join()
 
@@ -52,30 +74,52 @@ class WeightSync:
         pending.result(self.cfg.timeout_s)
 
     def push(self) -> dict:
-        """Sync the trainer's current weights (version trainer.policy_version) into the engine;
-        nothing to do when the engine already serves them."""
+        """Sync the trainer's current weights (version trainer.policy_version) into the engine, both
+        halves now; nothing to do when the engine already serves them."""
+        return {**self.write(), **self.load(self.written)}
+
+    def write(self) -> dict:
+        """The trainer's half of syncing its current weights (see the module docstring); {} when
+        that version is already written or served."""
         version = self.trainer.policy_version
-        if version == self.engine_version:
-            return {"sync_seconds": 0.0, "sync_attempts": 0, "engine_version": version}
-        error = None
-        for attempt in range(1, self.cfg.retries + 2):
-            start = time.perf_counter()
-            try:
-                self._send(version)
-            except (WeightSyncError, TimeoutError, *ENGINE_DIED) as e:
-                error = e
-                log.warning("weight sync of version %d failed (attempt %d of %d): %s",
-                            version, attempt, self.cfg.retries + 1, e)
-                if attempt <= self.cfg.retries:
-                    self.reconnect()
-                continue
+        if version in (self.engine_version, self.written and self.written.version):
+            return {}
+        start = time.perf_counter()
+        if self.cfg.transport == "collective":
+            _, attempts = self._attempts(version, lambda: self._broadcast(version), reconnect=True)
             self.engine_version = version
-            info = {"sync_seconds": time.perf_counter() - start, "sync_attempts": attempt, "engine_version": version}
+            info = {"sync_attempts": attempts, "engine_version": version}
             if self.cfg.check_equal:
-                info["sync_max_tv"] = self.check_equal()
-            return info
-        raise WeightSyncError(f"weight sync of version {version} failed after {self.cfg.retries + 1} attempts "
-                              f"(sync.retries={self.cfg.retries}): {error}")
+                info["sync_max_tv"] = self._check(self._reference())
+            return {**info, "sync_write_seconds": time.perf_counter() - start}
+        ticket, _ = self._attempts(version, lambda: self.trainer.push_weights("shm", str(self.root)), reconnect=False)
+        self.written = Written(version, ticket, self._reference() if self.cfg.check_equal else None)
+        return {"sync_write_seconds": time.perf_counter() - start}
+
+    def load(self, written: Written | None) -> dict:
+        """The engine's half: load ``written`` (shm; pass ``self.written`` as it was when the
+        engine's next rollout was decided); {} when the engine serves it or newer. The engine
+        must not be rolling out."""
+        if written is None or written.version <= self.engine_version:
+            return {}
+        start = time.perf_counter()
+        _, attempts = self._attempts(written.version, lambda: self._load(written), reconnect=True)
+        info = {"sync_attempts": attempts, "sync_load_seconds": time.perf_counter() - start,
+                "engine_version": written.version}
+        if written.reference is not None:
+            info["sync_max_tv"] = self._check(written.reference)
+        return info
+
+    def reload(self) -> int:
+        """After the engine restarted (with its initial weights): give it the version it served
+        before (shm), or the trainer's current one (collective, which needs the trainer); returns
+        the version it serves now."""
+        self.reconnect()
+        if self.cfg.transport == "collective":
+            self.write()
+        elif self._loaded is not None and self._loaded.version > self.engine_version:
+            self._attempts(self._loaded.version, lambda: self._load(self._loaded), reconnect=True)
+        return self.engine_version
 
     def reconnect(self) -> None:
         """After a failure: wait for the engine (a restarted actor reloads its model), learn the
@@ -86,28 +130,48 @@ class WeightSync:
         if self.cfg.transport == "collective":
             self._join()
 
-    def _send(self, version: int) -> None:
-        if self.cfg.transport == "shm":
-            ticket = self.trainer.push_weights("shm", str(self.root))
-            self.engine.call("update_weights", ticket, timeout=self.cfg.timeout_s)
-            prune(self.root, keep=Path(ticket["path"]))
-            return
+    def _attempts(self, version: int, attempt, reconnect: bool) -> tuple:
+        """``attempt()`` up to sync.retries + 1 times, reconnecting between tries if ``reconnect``;
+        returns (its value, the number of tries)."""
+        error = None
+        for n in range(1, self.cfg.retries + 2):
+            try:
+                value = attempt()
+            except RETRIABLE as e:
+                error = e
+                log.warning("weight sync of version %d failed (attempt %d of %d): %s",
+                            version, n, self.cfg.retries + 1, e)
+                if reconnect and n <= self.cfg.retries:
+                    self.reconnect()
+                continue
+            return value, n
+        raise WeightSyncError(f"weight sync of version {version} failed after {self.cfg.retries + 1} attempts "
+                              f"(sync.retries={self.cfg.retries}): {error}")
+
+    def _load(self, written: Written) -> None:
+        self.engine.call("update_weights", written.ticket, timeout=self.cfg.timeout_s)
+        self.engine_version, self._loaded = written.version, written
+        prune(self.root, older_than=written.version)  # newer ones may be written already
+
+    def _broadcast(self, version: int) -> None:
         pending = self.engine.submit("update_weights", SyncTicket(version, "collective").to_dict())
         self.trainer.push_weights("collective")
         pending.result(self.cfg.timeout_s)
 
-    def check_equal(self) -> float:
-        """Largest total-variation distance between the engine's and the trainer's next-token
-        distributions along ``probe_ids``; WeightSyncError above the dtype's tolerance."""
-        ids = self.probe_ids
-        engine_lp = np.asarray(self.engine.call("score", [ids], [1])[0], dtype=np.float64)
-        trainer_lp = torch.log_softmax(self.trainer.logits(torch.tensor([ids]))[0].double(), -1).numpy()
-        tv = float(0.5 * np.abs(np.exp(engine_lp) - np.exp(trainer_lp)).sum(-1).max())
+    def _reference(self) -> np.ndarray:
+        """The trainer's next-token log-probs along ``probe_ids``."""
+        logits = self.trainer.logits(torch.tensor([self.probe_ids]))[0].double()
+        return torch.log_softmax(logits, -1).numpy()
+
+    def _check(self, reference: np.ndarray) -> float:
+        """Largest total-variation distance between the engine's next-token distributions along
+        ``probe_ids`` and ``reference``; WeightSyncError above the dtype's tolerance."""
+        engine_lp = np.asarray(self.engine.call("score", [self.probe_ids], [1])[0], dtype=np.float64)
+        tv = float(0.5 * np.abs(np.exp(engine_lp) - np.exp(reference)).sum(-1).max())
         if tv > CHECK_TOLERANCE[self.dtype]:
             raise WeightSyncError(f"sync.check_equal: engine and trainer disagree after syncing version "
                                   f"{self.engine_version} (total variation {tv:.2e} > {CHECK_TOLERANCE[self.dtype]:g})")
         return tv
-
 
 
 @contextmanager

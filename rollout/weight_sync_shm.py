@@ -100,8 +100,9 @@ def read_weights(path: str | Path, version: int) -> list[tuple[str, torch.Tensor
         raise WeightSyncError(f"{weights}: not a valid safetensors file ({e})") from None
 
 
-def prune(root: str | Path, keep: Path) -> None:
-    """Delete every version directory under ``root`` except ``keep``."""
+def prune(root: str | Path, older_than: int) -> None:
+    """Delete the version directories under ``root`` older than version ``older_than`` (newer
+    ones may be written while the engine loads this one)."""
     for path in Path(root).glob("v*"):
-        if path != Path(keep) and path.is_dir():
+        if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) < older_than:
             shutil.rmtree(path, ignore_errors=True)

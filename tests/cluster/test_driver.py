@@ -50,14 +50,22 @@ class _FakeTrainer:
 
 class _FakeSync:
     def __init__(self, events, trainer):
-        self.events, self.trainer, self.engine_version = events, trainer, 0
+        self.events, self.trainer, self.engine_version, self.written = events, trainer, 0, None
 
-    def push(self):
+    def write(self):
+        with self.events.lock:
+            self.written = self.trainer.policy_version
+            self.events.log.append(("write", self.written, self.events.rollouts_running))
+        return {"sync_write_seconds": 0.0}
+
+    def load(self, written):
+        if written is None or written <= self.engine_version:
+            return {}
         with self.events.lock:
             assert self.events.rollouts_running == 0, "weights changed under a running rollout"
-            self.events.log.append(("sync", self.trainer.policy_version))
-        self.engine_version = self.trainer.policy_version
-        return {"engine_version": self.engine_version}
+            self.events.log.append(("load", written))
+        self.engine_version = written
+        return {"engine_version": written}
 
 
 class _FakeSource:
@@ -75,11 +83,6 @@ class _FakeSource:
         version = self.version_override(step, version) if self.version_override else version
         return RolloutBatch(step, pa.table({"v": [version]}), version, summarize([], {}, 0.05))
 
-    def submit(self, step, version):
-        from switchkd.rollout.engines import InBackground
-
-        return InBackground(self.run, step, version)
-
 
 def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None):
     cfg = load_config(None, [f"loop.max_staleness={staleness}", "loop.export=false",
@@ -96,17 +99,23 @@ def test_strictly_on_policy_rolls_out_each_batch_with_the_latest_weights(tmp_pat
     assert rollouts == [("rollout", s, s) for s in range(5)]          # batch n made by version n
     assert [m["staleness"] for m in metrics] == [0] * 5
     assert [m["engine_version"] for m in metrics] == [1, 2, 3, 4, 5]
-    # rollout n+1 only after the sync of version n+1
-    assert log.index(("rollout", 1, 1)) > log.index(("sync", 1))
+    # rollout n+1 only after the load of version n+1
+    assert log.index(("rollout", 1, 1)) > log.index(("load", 1))
 
 
-def test_staleness_one_overlaps_the_next_rollout_with_training(tmp_path):
+def test_staleness_one_overlaps_the_next_rollout_with_training_and_the_sync_with_both(tmp_path):
     log, metrics = _run_fake_loop(tmp_path, staleness=1)
     rollouts = [e for e in log if e[0] == "rollout"]
     assert rollouts == [("rollout", 0, 0), ("rollout", 1, 0), ("rollout", 2, 1), ("rollout", 3, 2), ("rollout", 4, 3)]
     assert [m["staleness"] for m in metrics] == [0, 1, 1, 1, 1]
-    # batch n+1 was started before the sync that followed step n
-    assert log.index(("rollout", 1, 0)) < log.index(("sync", 1))
+    # the trainer wrote version n+1 while rollout n+1 ran (training is instant here, a rollout is not)
+    assert [e[2] for e in log if e[0] == "write"] == [1, 1, 1, 1, 0]
+    # the engine loaded version n+1 just before rolling out batch n+2, in the same background job
+    for n in range(1, 4):
+        assert log.index(("load", n)) + 1 == log.index(("rollout", n + 1, n))
+    # each record: the version the engine serves at the end of its step; the last is loaded after
+    # the last step (version 4 was never loaded: no rollout came after it)
+    assert [m["engine_version"] for m in metrics] == [0, 1, 2, 3, 5]
 
 
 def test_a_batch_staler_than_the_bound_is_refused(tmp_path):
@@ -156,8 +165,10 @@ def test_train_runs_the_closed_loop(tiny_models, tmp_path, clean_machine, transp
     run = tmp_path / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["policy_version"] for m in metrics] == [1, 2, 3]
-    assert [m["engine_version"] for m in metrics] == [1, 2, 3]          # every sync landed
-    assert all(m["sync_max_tv"] < 1e-3 for m in metrics)               # engine == trainer after each sync
+    # every load landed (with staleness 1, version n is loaded during step n; 2 never: nothing
+    # rolled out after it) and the engine matched the trainer's log-probs of that version
+    assert [m["engine_version"] for m in metrics] == ([0, 1, 3] if staleness else [1, 2, 3])
+    assert [m.get("sync_max_tv", 1.0) < 1e-3 for m in metrics] == ([False, True, True] if staleness else [True] * 3)
     expected = [0, 1, 1] if staleness else [0, 0, 0]
     assert [m["staleness"] for m in metrics] == expected
     assert [m["batch_policy_version"] for m in metrics] == ([0, 0, 1] if staleness else [0, 1, 2])

@@ -1,6 +1,6 @@
-"""WeightSync's contract with fakes: retries after a refused or failed version, a hanging engine
-times out instead of blocking, nothing to do when the engine already serves the version, and a
-bad sync dir is one line."""
+"""WeightSync's contract with fakes: retries after a refused or failed version (from the same
+file), a hanging engine times out instead of blocking, nothing to do when the engine already
+serves the version, a restarted engine gets its version back, and a bad sync dir is one line."""
 from __future__ import annotations
 
 import threading
@@ -14,11 +14,16 @@ from switchkd.rollout.weight_sync import WeightSyncError, check_newer
 
 
 class _Trainer:
-    def __init__(self):
-        self.policy_version, self.pushes = 1, 0
+    """Fails its first ``failures`` writes."""
+
+    def __init__(self, failures=0):
+        self.policy_version, self.pushes, self.failures = 1, 0, failures
 
     def push_weights(self, transport, root):
         self.pushes += 1
+        if self.failures:
+            self.failures -= 1
+            raise WeightSyncError("disk full")
         return {"version": self.policy_version, "transport": "shm", "path": f"{root}/v{self.policy_version}"}
 
 
@@ -42,20 +47,49 @@ class _Engine:
         return self.weight_version
 
 
-def _sync(tmp_path, engine, *overrides):
+def _sync(tmp_path, engine, *overrides, trainer=None):
     cfg = load_config(None, [f"sync.dir={tmp_path / 'sync'}", *overrides]).sync
     root = tmp_path / "sync"
     root.mkdir()
-    trainer = _Trainer()
+    trainer = trainer or _Trainer()
     return WeightSync(cfg, trainer, EngineHandle(engine=engine), "gloo", root=root), trainer
 
 
-def test_a_failed_sync_is_retried_and_lands(tmp_path):
+def test_a_failed_load_is_retried_from_the_same_file_and_lands(tmp_path):
     engine = _Engine(failures=2)
     sync, trainer = _sync(tmp_path, engine, "sync.retries=2")
     info = sync.push()
     assert info["sync_attempts"] == 3 and info["engine_version"] == 1 == engine.weight_version
-    assert trainer.pushes == 3
+    assert trainer.pushes == 1
+
+
+def test_a_failed_write_is_retried(tmp_path):
+    engine = _Engine()
+    sync, trainer = _sync(tmp_path, engine, "sync.retries=1", trainer=_Trainer(failures=1))
+    assert sync.push()["engine_version"] == 1 == engine.weight_version and trainer.pushes == 2
+
+
+def test_the_engine_loads_the_version_it_was_given_not_a_newer_write(tmp_path):
+    """The loop decides which version the next rollout uses before the trainer writes the next
+    one; a write while the engine loads must neither be loaded early nor lost."""
+    engine = _Engine()
+    sync, trainer = _sync(tmp_path, engine)
+    sync.write()
+    given = sync.written
+    trainer.policy_version = 2
+    sync.write()
+    assert sync.load(given)["engine_version"] == 1 == engine.weight_version
+    assert sync.load(sync.written)["engine_version"] == 2 == engine.weight_version
+    assert sync.load(given) == {} and trainer.pushes == 2
+
+
+def test_a_restarted_engine_gets_the_version_it_served_back(tmp_path):
+    engine = _Engine()
+    sync, trainer = _sync(tmp_path, engine)
+    sync.push()
+    trainer.policy_version = 2  # the trainer moved on; the running rollout expects version 1
+    engine.weight_version = 0   # what a restarted actor serves
+    assert sync.reload() == 1 == engine.weight_version and trainer.pushes == 1
 
 
 def test_a_sync_that_keeps_failing_raises_after_the_retries(tmp_path):
@@ -80,7 +114,7 @@ def test_nothing_to_do_when_the_engine_serves_the_version(tmp_path):
     engine = _Engine()
     sync, trainer = _sync(tmp_path, engine)
     sync.push()
-    assert sync.push()["sync_attempts"] == 0 and trainer.pushes == 1
+    assert sync.push() == {} and trainer.pushes == 1
 
 
 def test_sync_root_is_private_and_removed(tmp_path):
