@@ -130,7 +130,9 @@ def run_switchkd(method: str, args, work: Path) -> dict:
         "step_s": stats(step_s[w - 1:n - 2]),
         "teacher_fraction": sum(m["rollout_teacher_fraction"] * m["tokens"] for m in rolled) / max(1, tokens),
         "phases": {"generation_s": rollout_s, "training_s": train_s,
-                   "sync_s": sum(m["sync_seconds"] for m in trained),
+                   # the sync's work (trainer write + engine load), overlapped with the above
+                   "sync_s": sum(m.get("sync_write_seconds", 0.0) + m.get("sync_load_seconds", 0.0)
+                                 for m in trained),
                    "generation_tokens_per_s": tokens / rollout_s,
                    "training_tokens_per_s": sum(m["tokens"] for m in trained) / train_s},
         "metrics": lines,

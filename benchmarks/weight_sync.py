@@ -8,10 +8,10 @@ in-process StudentEngine. After one warm-up sync per transport, ``--repeats`` ro
 sync a NEW version (the base weights moved by seeded noise) once per transport, interleaved
 so that load from elsewhere on the machine hits both alike:
 
-* shm: ``write`` (trainer side: write_weights = safetensors save + SHA-256 + fsync + rename),
-  ``load`` (engine.update_weights: manifest/size/SHA-256 check + reload_weights + prefix-cache
+* shm: ``write`` (trainer side: write_weights = safetensors save + CRC-32 + fsync + rename),
+  ``load`` (engine.update_weights: manifest/size/CRC-32 check + reload_weights + prefix-cache
   reset) and ``prune`` (the older version directories, as cluster/sync.py does); total = sum.
-  ``detail.sha256`` is one checksum pass over the file (a sync does two: write and verify).
+  ``detail.checksum`` is one checksum pass over the file (a sync does two: write and verify).
 * collective: ``broadcast_load``, the wall time from starting the sender thread
   (send_weights over gloo, default buckets) to the engine's update_weights having loaded it;
   ``detail.sender`` is how long the sending side (the trainer) was blocked.
@@ -186,7 +186,7 @@ def bench_size(name: str, args, work: Path) -> dict:
     from switchkd.rollout.engines import StudentEngine
     from switchkd.rollout.weight_sync import SyncTicket
     from switchkd.rollout.weight_sync_collective import new_group, send_weights
-    from switchkd.rollout.weight_sync_shm import WEIGHTS_FILE, default_root, prune, sha256_file, write_weights
+    from switchkd.rollout.weight_sync_shm import WEIGHTS_FILE, default_root, prune, checksum_file, write_weights
 
     model_dir = work / name
     model = _build_model(name, model_dir, seed=args.seed)
@@ -228,9 +228,9 @@ def bench_size(name: str, args, work: Path) -> dict:
             if got != version or engine.version() != version:
                 raise RuntimeError(f"shm sync of version {version}: engine reports {got}/{engine.version()}")
             t4 = time.perf_counter()
-            sha256_file(path / WEIGHTS_FILE)
-            sha = time.perf_counter() - t4
-            return {"write": t1 - t0, "load": t2 - t1, "prune": t3 - t2, "total": t3 - t0, "sha256": sha,
+            checksum_file(path / WEIGHTS_FILE)
+            checksum = time.perf_counter() - t4
+            return {"write": t1 - t0, "load": t2 - t1, "prune": t3 - t2, "total": t3 - t0, "checksum": checksum,
                     "file_bytes": (path / WEIGHTS_FILE).stat().st_size}
 
         def sync_collective(version: int, state: dict) -> dict:
@@ -335,7 +335,7 @@ def bench_size(name: str, args, work: Path) -> dict:
         "config": SIZES[name], "engine_start_s": engine_start_s, "final_version": final_version,
         "transports": {
             "shm": {"phases": {k: stats(col(rec["shm"], k)) for k in ("write", "load", "prune")},
-                    "detail": {"sha256": stats(col(rec["shm"], "sha256"))},
+                    "detail": {"checksum": stats(col(rec["shm"], "checksum"))},
                     "total": shm_total, "gb_per_s": gbps(shm_total), "versions": seen["shm"],
                     "file_bytes": rec["shm"][-1]["file_bytes"]},
             "collective": {"phases": {"broadcast_load": stats(col(rec["collective"], "broadcast_load"))},

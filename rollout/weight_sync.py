@@ -5,7 +5,7 @@ it inside its vLLM worker(s) (``vllm_fastpath.WeightSyncExtension``) and loads i
 What travels between the two through the driver is a small ``SyncTicket``:
 
 * ``shm`` (weight_sync_shm): rank 0 writes ``v<version>/model.safetensors`` plus a manifest
-  with its SHA-256 to a tmpfs directory, atomically (temp dir, fsync, rename); the ticket
+  with its CRC-32 to a tmpfs directory, atomically (temp dir, fsync, rename); the ticket
   carries the path. The receiver checks manifest, size and checksum BEFORE touching the
   model, so a corrupt or partial file is refused and the engine keeps its previous weights.
   Needs the trainer's rank 0 and the engine on one node.

@@ -3,18 +3,22 @@
 Layout under the sync root (owner-only: 0700 directories, 0600 files):
 
     v00000003/model.safetensors
-    v00000003/manifest.json     {"version": 3, "sha256": ..., "bytes": ..., "tensors": 290}
+    v00000003/manifest.json     {"version": 3, "crc32": ..., "bytes": ..., "tensors": 290}
 
 A version directory appears only complete (written under ``.tmp-*``, fsynced, renamed).
+The checksum guards against torn or corrupted files, not against an attacker (the owner-only
+directory does that), so it is CRC-32: three times cheaper than SHA-256 (0.04 s against 0.14 s
+for SmolLM2's 184 MB student in bf16), and it is paid twice per sync, in the training loop.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import zlib
 
 import torch
 
@@ -35,12 +39,13 @@ def version_dir(root: str | Path, version: int) -> Path:
     return Path(root) / f"v{version:08d}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def checksum_file(path: Path) -> str:
+    """The file's CRC-32, as 8 hex digits."""
+    crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def write_weights(root: str | Path, version: int, state: dict[str, torch.Tensor]) -> Path:
@@ -55,7 +60,7 @@ def write_weights(root: str | Path, version: int, state: dict[str, torch.Tensor]
         weights = tmp / WEIGHTS_FILE
         tensors = {name: t.detach().contiguous() for name, t in state.items()}
         save_file(tensors, str(weights), metadata={"version": str(version)})
-        manifest = {"version": version, "sha256": sha256_file(weights), "bytes": weights.stat().st_size,
+        manifest = {"version": version, "crc32": checksum_file(weights), "bytes": weights.stat().st_size,
                     "tensors": len(tensors)}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest))
         for path in (weights, tmp / MANIFEST_FILE):
@@ -73,18 +78,18 @@ def write_weights(root: str | Path, version: int, state: dict[str, torch.Tensor]
 
 def read_weights(path: str | Path, version: int) -> list[tuple[str, torch.Tensor]]:
     """The (name, tensor) pairs of version directory ``path``, only if its manifest names
-    ``version`` and size and SHA-256 match; WeightSyncError (naming the problem) otherwise."""
+    ``version`` and size and CRC-32 match; WeightSyncError (naming the problem) otherwise."""
     from safetensors.torch import load_file
 
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
-        expected = (int(manifest["version"]), str(manifest["sha256"]), int(manifest["bytes"]))
+        expected = (int(manifest["version"]), str(manifest["crc32"]), int(manifest["bytes"]))
     except FileNotFoundError as e:
         raise WeightSyncError(f"{path}: {e.filename and Path(e.filename).name} is missing") from None
     except (ValueError, KeyError, TypeError) as e:
         raise WeightSyncError(f"{path}/{MANIFEST_FILE}: unreadable manifest ({e})") from None
-    got_version, sha, size = expected
+    got_version, crc, size = expected
     if got_version != version:
         raise WeightSyncError(f"{path}: manifest is version {got_version}, expected {version}")
     weights = path / WEIGHTS_FILE
@@ -92,8 +97,8 @@ def read_weights(path: str | Path, version: int) -> list[tuple[str, torch.Tensor
         raise WeightSyncError(f"{weights} is missing")
     if weights.stat().st_size != size:
         raise WeightSyncError(f"{weights}: {weights.stat().st_size} bytes, manifest says {size} (truncated?)")
-    if sha256_file(weights) != sha:
-        raise WeightSyncError(f"{weights}: SHA-256 does not match the manifest (corrupt file)")
+    if checksum_file(weights) != crc:
+        raise WeightSyncError(f"{weights}: CRC-32 does not match the manifest (corrupt file)")
     try:
         return list(load_file(str(weights)).items())
     except Exception as e:  # safetensors raises its own SafetensorError on a malformed header

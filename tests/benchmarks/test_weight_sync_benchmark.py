@@ -50,7 +50,7 @@ def test_weight_sync_benchmark_quick(tmp_path):
         assert t["total"]["max_s"] >= max(s["max_s"] for s in t["phases"].values())
         assert len(t["versions"]) == repeats and t["versions"] == sorted(t["versions"])
         seen_versions += t["versions"]
-    _check_stats(size["transports"]["shm"]["detail"]["sha256"], repeats, "shm.sha256")
+    _check_stats(size["transports"]["shm"]["detail"]["checksum"], repeats, "shm.checksum")
     _check_stats(size["transports"]["collective"]["detail"]["sender"], repeats, "collective.sender")
     assert size["transports"]["shm"]["file_bytes"] >= size["bytes"]
     # every timed sync was a new version, and the engine ends on the last one

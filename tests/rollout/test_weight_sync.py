@@ -14,7 +14,7 @@ import torch
 from switchkd.rollout.engines import StudentEngine, engine_kwargs
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
 from switchkd.rollout.weight_sync_collective import new_group, plan_buckets, receive_weights, send_weights
-from switchkd.rollout.weight_sync_shm import read_weights, write_weights
+from switchkd.rollout.weight_sync_shm import checksum_file, read_weights, write_weights
 from switchkd.trainer.worker import free_port
 
 IDS = [[1, 17, 33, 250, 7, 99, 12, 480, 5, 61]]
@@ -95,7 +95,7 @@ def test_shm_bad_version_is_refused_and_engine_keeps_serving(engine, student, tm
         (path / "manifest.json").unlink()
     with pytest.raises(WeightSyncError) as err:
         engine.update_weights(SyncTicket(bad, "shm", str(path)).to_dict())
-    assert {"truncated": "truncated", "corrupt": "SHA-256", "manifest_version": "manifest is version",
+    assert {"truncated": "truncated", "corrupt": "CRC-32", "manifest_version": "manifest is version",
             "missing_manifest": "missing", "stale": "already serves"}[fault] in str(err.value)
     assert engine.version() == good
     np.testing.assert_array_equal(_engine_logprobs(engine), served)
@@ -190,10 +190,8 @@ def test_read_weights_refuses_a_non_safetensors_file(tmp_path):
     path = write_weights(tmp_path, 1, {"w": torch.ones(2)})
     (path / "model.safetensors").write_bytes(b"\x80\x04not safetensors")  # e.g. a pickle
     manifest = json.loads((path / "manifest.json").read_text())
-    import hashlib
-
     manifest.update(bytes=(path / "model.safetensors").stat().st_size,
-                    sha256=hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())
+                    crc32=checksum_file(path / "model.safetensors"))
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(WeightSyncError, match="not a valid safetensors"):
         read_weights(path, 1)
