@@ -180,7 +180,8 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
         last = trainer.train_step(batch.table, source=f"rollout of step {step}", log=False)
         written = sync.write() if write_early else {}
         following, loaded = ahead.result() if ahead is not None else (None, {})  # the engine is idle now
-        written = written or sync.write()
+        if not write_early:
+            written = sync.write()
         if following is None:  # no rollout in the background: load the new version now
             loaded = sync.load(sync.written)
         last.update(written, **loaded, rollout_seconds=batch.summary.seconds,

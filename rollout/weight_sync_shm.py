@@ -16,9 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
-
 import zlib
+from pathlib import Path
 
 import torch
 
