@@ -4,8 +4,10 @@ Same prompts, same models, one run; each method is warmed up, then timed over --
 
     python benchmarks/rollout_throughput.py [--quick] [--models tiny|smollm2] [--json out.json]
 
-lockstep (rollout.mode's default) runs on its own PairEngine (both engines in one process,
-prefix caching off); block, stepwise and the floors on a separate teacher and student engine.
+lockstep (rollout.mode's default) runs on its own PairEngine (prefix caching off; the teacher
+engine in a child process stepping at the same time as the student, rollout.lockstep_teacher's
+default), lockstep_inline on another with both engines in this process, one step after the
+other; block, stepwise and the floors on a separate teacher and student engine.
 One set of engines at a time: the teacher + student engines are shut down before the
 PairEngine starts.
 
@@ -105,11 +107,15 @@ def run(args) -> dict:
     results, floors = _split_engines(model, cfg, prompts, warm, eos, args.repeats)
     gc.collect()
     results["lockstep"] = _lockstep(model, dataclasses.replace(cfg, mode="lockstep"), prompts, warm, eos, args.repeats)
+    gc.collect()
+    inline = dataclasses.replace(cfg, mode="lockstep", lockstep_teacher="inline")
+    results["lockstep_inline"] = _lockstep(model, inline, prompts, warm, eos, args.repeats)
 
     tps = lambda tokens, s: tokens / s["median_s"]
     block_tps = tps(results["block"]["tokens"], results["block"])
     step_tps = tps(results["stepwise"]["tokens"], results["stepwise"])
     lock_tps = tps(results["lockstep"]["tokens"], results["lockstep"])
+    inline_tps = tps(results["lockstep_inline"]["tokens"], results["lockstep_inline"])
     hf_stats = stats(hf_times)
     hf_tps, floor_tps = tps(hf_tokens, hf_stats), tps(floors["floor"]["tokens"], floors["floor"])
     mirror_tps = tps(floors["floor_teacher_drafts"]["tokens"], floors["floor_teacher_drafts"])
@@ -120,6 +126,8 @@ def run(args) -> dict:
                    "schedule": cfg.switch.schedule, "repeats": args.repeats},
         "tokens": results["block"]["tokens"],
         "block": results["block"], "stepwise": results["stepwise"], "lockstep": results["lockstep"],
+        "lockstep_inline": results["lockstep_inline"], "lockstep_inline_tokens_per_s": inline_tps,
+        "lockstep_over_lockstep_inline": lock_tps / inline_tps,
         "hf": {"tokens": hf_tokens, **hf_stats}, **floors,
         "block_tokens_per_s": block_tps, "stepwise_tokens_per_s": step_tps, "lockstep_tokens_per_s": lock_tps,
         "hf_tokens_per_s": hf_tps, "floor_tokens_per_s": floor_tps, "floor_teacher_drafts_tokens_per_s": mirror_tps,

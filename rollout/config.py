@@ -97,6 +97,9 @@ class EngineConfig:
 class RolloutConfig:
     engine: str = choice("hf", ("hf", "vllm"))
     mode: str = choice("lockstep", ("lockstep", "block", "stepwise"))
+    # lockstep's teacher engine: in a child process, stepping at the same time as the student
+    # (process), or in the student's process, one step after the other (inline)
+    lockstep_teacher: str = choice("process", ("process", "inline"))
     temperature: float = bounded(1.0, lo=0.0)
     max_new_tokens: int = bounded(128, lo=1)
     seed: int = 0

@@ -7,8 +7,11 @@ actors, so with Ray the two engines work in parallel within a round.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+
+import torch
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -31,15 +34,27 @@ class StudentEngine(VLLMEngine):
 
 
 class PairEngine(StudentEngine):
-    """Both engines in one process for rollout.mode=lockstep (vllm_lockstep): this is the student
-    engine, which the trainer syncs, and it hosts the teacher engine beside it."""
+    """The two engines of rollout.mode=lockstep (vllm_lockstep): this is the student engine, which
+    the trainer syncs, and it hosts the teacher engine in a child process it starts
+    (``teacher_process``, lockstep_process) or beside it in this process (inline)."""
 
-    def __init__(self, teacher_kwargs: dict, **student_kwargs) -> None:
-        super().__init__(**student_kwargs, lockstep=True)
+    def __init__(self, teacher_kwargs: dict, teacher_process: bool = True, **student_kwargs) -> None:
+        from switchkd.rollout.lockstep_process import TeacherProcess
+        from switchkd.rollout.vllm_lockstep import InlineTeacher
+
+        self.teacher, self._threads = None, torch.get_num_threads()
+        if teacher_process:  # starts while the student loads; the two processes share the cores
+            cores = len(os.sched_getaffinity(0))
+            self.teacher = TeacherProcess(teacher_kwargs, teacher_threads=max(1, cores // 2))
+            torch._C.set_num_threads(max(1, cores - cores // 2))  # vLLM's worker blocks torch.set_num_threads
         try:
-            self.teacher = TeacherEngine(**teacher_kwargs, lockstep=True)
+            super().__init__(**student_kwargs, lockstep=True)
+            if teacher_process:
+                self.teacher.wait_ready()
+            else:
+                self.teacher = InlineTeacher(TeacherEngine(**teacher_kwargs, lockstep=True))
         except BaseException:
-            super().shutdown()
+            self.shutdown()
             raise
 
     def lockstep(self, prompts, rule, eos_ids, max_new_tokens: int, topk: int):
@@ -53,9 +68,11 @@ class PairEngine(StudentEngine):
 
     def shutdown(self) -> None:
         try:
-            self.teacher.shutdown()
+            if self.teacher is not None:
+                self.teacher.shutdown()
         finally:
             super().shutdown()
+            torch._C.set_num_threads(self._threads)
 
 
 class _Done:
@@ -235,6 +252,7 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
     if rollout.mode == "lockstep" and rollout.source == "generate":
         kwargs = engine_kwargs(model.student, model, rollout.student, rollout.seed)
         kwargs["teacher_kwargs"] = engine_kwargs(model.teacher, model, rollout.teacher, rollout.seed)
+        kwargs["teacher_process"] = rollout.lockstep_teacher == "process"
         pair = _start(PairEngine, "student", rollout.student, kwargs, rollout, placement, max_restarts)
         return pair, pair
     specs = ((TeacherEngine, model.teacher, rollout.teacher), (StudentEngine, model.student, rollout.student))

@@ -45,13 +45,20 @@ class SequenceBuilder:
         tokens = [int(x) for x in tokens]
         idx = torch.as_tensor(tokens, dtype=torch.long)[:, None]
         ids, lps = topk_logprobs(teacher_lp, self.topk)
-        self.response_ids += tokens
-        self.owner += [int(o) for o in owners]
-        self.jsd += [float(x) for x in d]
-        self.tau += [float(x) for x in tau]
-        self.student_logprob += student_lp.to(torch.float32).gather(1, idx)[:, 0].tolist()
-        self.topk_ids += list(ids)
-        self.topk_lps += list(lps)
+        student_logprob = student_lp.to(torch.float32).gather(1, idx)[:, 0].tolist()
+        for row in zip(tokens, owners, d, tau, student_logprob, ids, lps):
+            self.append(*row)
+
+    def append(self, token: int, owner, d, tau, student_logprob: float, topk_ids: np.ndarray,
+               topk_lps: np.ndarray) -> None:
+        """Append one decided token whose teacher top-k and student log-prob are already taken."""
+        self.response_ids.append(int(token))
+        self.owner.append(int(owner))
+        self.jsd.append(float(d))
+        self.tau.append(float(tau))
+        self.student_logprob.append(float(student_logprob))
+        self.topk_ids.append(topk_ids)
+        self.topk_lps.append(topk_lps)
 
     def finish_if(self, eos_ids: set[int], max_new_tokens: int) -> None:
         """Set finish_reason when the last token is EOS or the length budget is used."""

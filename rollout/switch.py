@@ -155,6 +155,26 @@ class OwnerRule:
         source = teacher_lp if owner == TEACHER else student_lp
         return sample_token(source, self.temperature, self.draw_seed(owner, seed), position)
 
+    def noise_rows(self, seeds, positions, vocab: int) -> torch.Tensor | None:
+        """The Gumbel noise [n, vocab] of draws with the prompts' own keys at ``positions`` (None at T = 0)."""
+        if self.temperature == 0:
+            return None
+        return torch.stack([gumbel_noise(int(s), int(p), vocab) for s, p in zip(seeds, positions)])
+
+    def draw_rows(self, owners: torch.Tensor, teacher_lp: torch.Tensor, student_lp: torch.Tensor, seeds,
+                  positions, noise: torch.Tensor | None = None) -> list[int]:
+        """draw() for many rows at once (same tokens: the same float32 scores, one argmax); ``noise``
+        is noise_rows(seeds, positions, V) when the caller drew it already."""
+        source = torch.where(owners.bool()[:, None], teacher_lp, student_lp).to(torch.float32)
+        if self.temperature == 0:
+            return torch.argmax(source, dim=-1).tolist()
+        if noise is None:
+            noise = self.noise_rows(seeds, positions, source.shape[-1])
+        if self.rule == "skd":  # its teacher draws with a key of its own (draw_seed)
+            for i in torch.nonzero(owners == TEACHER).flatten().tolist():
+                noise[i] = gumbel_noise(self.draw_seed(TEACHER, int(seeds[i])), int(positions[i]), source.shape[-1])
+        return torch.argmax(source / self.temperature + noise, dim=-1).tolist()
+
     @property
     def first_drafter(self) -> int:
         """Block mode: who drafts a sequence's first block (the teacher under SeqKD)."""
