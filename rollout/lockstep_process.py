@@ -66,6 +66,19 @@ class TeacherProcess:
             os.close(fd)
         self.rows = torch.frombuffer(self._map, dtype=torch.float32).view(info["max_rows"], self.vocab_size)
 
+    def _send(self, op: str, arg=None) -> None:
+        try:
+            self.conn.send((op, arg))
+        except OSError as e:
+            raise self._exited() from e
+
+    def _exited(self) -> LockstepError:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return LockstepError(f"the lockstep teacher process exited (exit code {code})")
+
     def _reply(self, want: str, timeout: float = REPLY_TIMEOUT_S):
         """The child's next message, which must be ``want``; its error or death as LockstepError."""
         try:
@@ -73,8 +86,7 @@ class TeacherProcess:
                 raise LockstepError(f"the lockstep teacher process sent nothing for {timeout:.0f} s")
             kind, value = self.conn.recv()
         except (EOFError, OSError) as e:
-            code = self.proc.poll()
-            raise LockstepError(f"the lockstep teacher process exited (exit code {code})") from e
+            raise self._exited() from e
         if kind == "error":
             raise LockstepError(f"lockstep teacher process failed:\n{value}")
         if kind != want:
@@ -83,10 +95,10 @@ class TeacherProcess:
 
     # -- run_lockstep's teacher side ---------------------------------------------------------------
     def add(self, request_id: str, token_ids: list[int], params) -> None:
-        self.conn.send(("add", (request_id, token_ids, params)))
+        self._send("add", (request_id, token_ids, params))
 
     def begin_step(self) -> None:
-        self.conn.send(("step", None))
+        self._send("step")
         self._stepping = True
 
     def exchange(self, exchange, keys: list[int], positions: list[int], rows: torch.Tensor) -> list[int]:
@@ -98,7 +110,7 @@ class TeacherProcess:
             raise LockstepError(f"the engines are out of step: the student has sequences {keys[:8]} at positions "
                                 f"{positions[:8]}, the teacher {got_keys[:8]} at {got_positions[:8]}")
         tokens = exchange.decide(keys, positions, self.rows[: len(keys)], rows, noise)
-        self.conn.send(("tokens", tokens))
+        self._send("tokens", tokens)
         self._owes_tokens = False
         exchange.record()  # while the teacher finishes its step (it writes no rows before the next one)
         return tokens
@@ -112,7 +124,7 @@ class TeacherProcess:
     def abort(self, request_ids: list[str]) -> None:
         """Abort after a failed step: let the child's step end, then drop the requests."""
         if self._owes_tokens:  # the child's processor waits for tokens: make it fail its step
-            self.conn.send(("tokens", None))
+            self._send("tokens", None)
             self._owes_tokens = False
         while self._stepping:
             try:
@@ -122,11 +134,11 @@ class TeacherProcess:
                     raise
                 del e  # the child's failed step: expected here
             self._stepping = False
-        self.conn.send(("abort", request_ids))
+        self._send("abort", request_ids)
         self._reply("done")
 
     def has_unfinished(self) -> bool:
-        self.conn.send(("unfinished", None))
+        self._send("unfinished")
         return self._reply("done")
 
     def shutdown(self) -> None:

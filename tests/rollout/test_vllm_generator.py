@@ -24,21 +24,27 @@ EOS = 2
 SCHEDULES = [("exp", 0.42, 0.008), ("linear", 0.42, 0.005), ("const", 0.37, 0.0)]
 
 
-MODES = ("lockstep", "block", "stepwise")
+# Every way to roll out, by name: rollout.mode, and lockstep's teacher in a child process or inline.
+MODES = {"lockstep": dict(mode="lockstep"), "lockstep_inline": dict(mode="lockstep", lockstep_teacher="inline"),
+         "block": dict(mode="block"), "stepwise": dict(mode="stepwise")}
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    """Engine handles by rollout.mode: a separate teacher and student (block, stepwise), and one
-    PairEngine handle twice (lockstep: both engines in one, without prefix caching)."""
+    """Engine handles by MODES name: a separate teacher and student (block, stepwise), and a
+    PairEngine's handle twice (lockstep, without prefix caching): its teacher in a child process,
+    or in this process (lockstep_inline)."""
     model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
     rollout = RolloutConfig(engine="vllm")
     teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(model.teacher, model, rollout.teacher, 0)))
     student = EngineHandle(engine=StudentEngine(**engine_kwargs(model.student, model, rollout.student, 0)))
-    pair = EngineHandle(engine=PairEngine(engine_kwargs(model.teacher, model, rollout.teacher, 0),
-                                          **engine_kwargs(model.student, model, rollout.student, 0)))
-    yield {"block": (teacher, student), "stepwise": (teacher, student), "lockstep": (pair, pair)}
-    for handle in (teacher, student, pair):
+    pair, inline = (EngineHandle(engine=PairEngine(engine_kwargs(model.teacher, model, rollout.teacher, 0),
+                                                   teacher_process=process,
+                                                   **engine_kwargs(model.student, model, rollout.student, 0)))
+                    for process in (True, False))
+    yield {"block": (teacher, student), "stepwise": (teacher, student), "lockstep": (pair, pair),
+           "lockstep_inline": (inline, inline)}
+    for handle in (teacher, student, pair, inline):
         handle.shutdown()
 
 
@@ -53,7 +59,8 @@ def _prompts(n, seed):
 
 
 def _vllm(engines, cfg):
-    return VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=engines[cfg.mode])
+    inline = cfg.mode == "lockstep" and cfg.lockstep_teacher == "inline"
+    return VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=engines["lockstep_inline" if inline else cfg.mode])
 
 
 def _assert_same_record(mode: str, ref, got) -> None:
@@ -74,8 +81,8 @@ def test_greedy_every_mode_equals_hf_reference(engines, hf_models, schedule, tau
     owners = np.concatenate([r.owner for r in reference])
     assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
     assert sum(len(r.response_ids) for r in reference) > 32 * 100
-    for mode in MODES:
-        seqs = _vllm(engines, dataclasses.replace(cfg, mode=mode)).generate(prompts)
+    for mode, variant in MODES.items():
+        seqs = _vllm(engines, dataclasses.replace(cfg, **variant)).generate(prompts)
         for ref, got in zip(reference, seqs):
             _assert_same_record(mode, ref, got)
             np.testing.assert_array_equal(np.stack(got.topk_ids)[:, :3], np.stack(ref.topk_ids)[:, :3])
@@ -87,14 +94,14 @@ def test_sampled_modes_equal_draw_for_draw(engines):
     prompts = _prompts(16, seed=99)
     block = _vllm(engines, cfg).generate(prompts)
     assert 0 < np.mean(np.concatenate([s.owner for s in block])) < 1
-    for mode in ("stepwise", "lockstep"):
-        other = _vllm(engines, dataclasses.replace(cfg, mode=mode)).generate(prompts)
+    for mode in ("stepwise", "lockstep", "lockstep_inline"):
+        other = _vllm(engines, dataclasses.replace(cfg, **MODES[mode])).generate(prompts)
         for b, s in zip(block, other):
             assert b.response_ids == s.response_ids and b.owner == s.owner, mode
             np.testing.assert_allclose(s.jsd, b.jsd, atol=1e-5)
             np.testing.assert_allclose(np.stack(s.topk_lps), np.stack(b.topk_lps), atol=1e-4)
-    for mode in MODES:
-        again = _vllm(engines, dataclasses.replace(cfg, mode=mode, batch_size=5)).generate(prompts)
+    for mode, variant in MODES.items():
+        again = _vllm(engines, dataclasses.replace(cfg, **variant, batch_size=5)).generate(prompts)
         assert [s.response_ids for s in again] == [s.response_ids for s in block], f"{mode}: seeded runs must reproduce"
 
 
@@ -154,8 +161,8 @@ def test_baseline_rules_every_mode_equals_hf_reference(engines, hf_models, rule,
         assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
     else:
         assert set(owners.tolist()) == {switch.STUDENT if rule == "student" else switch.TEACHER}
-    for mode in MODES:
-        generator = _vllm(engines, dataclasses.replace(cfg, mode=mode))
+    for mode, variant in MODES.items():
+        generator = _vllm(engines, dataclasses.replace(cfg, **variant))
         seqs = generator.generate(prompts)
         for ref, got in zip(reference, seqs):
             _assert_same_record(mode, ref, got)
