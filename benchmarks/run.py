@@ -159,7 +159,8 @@ def headline(out: Path) -> dict:
     h, targets = {}, {}
     for pair in ("tiny", "smollm2"):
         if r := load(out, f"rollout_{pair}"):
-            h[f"rollout_{pair}"] = {k: r[k] for k in ("lockstep_tokens_per_s", "block_tokens_per_s",
+            h[f"rollout_{pair}"] = {k: r[k] for k in ("lockstep_tokens_per_s", "lockstep_inline_tokens_per_s",
+                                                      "lockstep_over_lockstep_inline", "block_tokens_per_s",
                                                       "stepwise_tokens_per_s", "hf_tokens_per_s", "floor_tokens_per_s",
                                                       "floor_over_lockstep", "lockstep_over_block", "floor_over_block",
                                                       "block_over_stepwise", "block_over_hf") if k in r}
@@ -250,8 +251,9 @@ def draw_all(out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(rollouts), figsize=(5 * len(rollouts), 4), squeeze=False)
         for ax, (pair, r) in zip(axes[0], rollouts.items()):
             c = r["config"]
-            methods = [m for m in ("lockstep", "block", "stepwise", "hf", "floor") if f"{m}_tokens_per_s" in r]
-            _bars(ax, [{"hf": "HF reference"}.get(m, m) for m in methods], [r[f"{m}_tokens_per_s"] for m in methods],
+            methods = [m for m in ("lockstep", "lockstep_inline", "block", "stepwise", "hf", "floor")
+                       if f"{m}_tokens_per_s" in r]
+            _bars(ax, [{"hf": "HF reference", "lockstep_inline": "lockstep\ninline"}.get(m, m) for m in methods], [r[f"{m}_tokens_per_s"] for m in methods],
                   f"rollout, {pair}: {c['prompts']} x {c['max_new_tokens']} tokens", "tokens/s (median)")
         made.append(_save(fig, plots / "rollout_methods.png"))
     if r := load(out, "trainer"):
@@ -417,11 +419,12 @@ def render_tables(out: Path, summary: dict) -> str:
     rollouts = [(pair, r) for pair in ("tiny", "smollm2") if (r := load(out, f"rollout_{pair}"))]
     if rollouts:
         lines += ["**Rollout** (`rollout_throughput.py`; tokens/s of the median call):", ""]
-        lines += _table(["pair", "prompts x tokens", "lockstep", "block", "stepwise", "HF reference", "floor",
-                         "floor / lockstep", "floor / block", "lockstep / block", "block / stepwise", "block / HF",
-                         "teacher fraction"],
+        lines += _table(["pair", "prompts x tokens", "lockstep", "lockstep, teacher inline", "block", "stepwise",
+                         "HF reference", "floor", "floor / lockstep", "floor / block", "lockstep / block",
+                         "block / stepwise", "block / HF", "teacher fraction"],
                         [[pair, f"{r['config']['prompts']} x {r['config']['max_new_tokens']}",
-                          r.get("lockstep_tokens_per_s"), r["block_tokens_per_s"], r["stepwise_tokens_per_s"],
+                          r.get("lockstep_tokens_per_s"), r.get("lockstep_inline_tokens_per_s"),
+                          r["block_tokens_per_s"], r["stepwise_tokens_per_s"],
                           r["hf_tokens_per_s"], r["floor_tokens_per_s"], r.get("floor_over_lockstep"),
                           r["floor_over_block"], r.get("lockstep_over_block"), r["block_over_stepwise"],
                           r["block_over_hf"], r["block"]["teacher_fraction"]] for pair, r in rollouts])

@@ -134,10 +134,10 @@ class RolloutConfig:
                                  f"needs {key}.device=cuda")
         if self.engine == "vllm" and self.mode == "lockstep" and self.source == "generate":
             if self.teacher.server.url is not None:
-                raise ValueError("rollout.mode=lockstep runs both engines in one process: use rollout.mode=block "
+                raise ValueError("rollout.mode=lockstep runs both engines side by side: use rollout.mode=block "
                                  "with rollout.teacher.server.url")
             if self.teacher.device != self.student.device or self.teacher.tensor_parallel_size > 1 \
                     or self.student.tensor_parallel_size > 1:
-                raise ValueError("rollout.mode=lockstep runs both engines in one process on one device: it needs "
+                raise ValueError("rollout.mode=lockstep runs both engines side by side on one device: it needs "
                                  "rollout.teacher.device == rollout.student.device and tensor_parallel_size 1 "
                                  "(use rollout.mode=block otherwise)")

@@ -118,7 +118,7 @@ class VLLMSwitchGenerator:
 
     # -- lockstep -------------------------------------------------------------------------
     def _lockstep_batch(self, prompts: list[Prompt], on_tokens) -> list[SequenceBuilder]:
-        """Both engines in one process step together (vllm_lockstep; the handle is a PairEngine's)."""
+        """Both engines step together (vllm_lockstep; the handle is a PairEngine's)."""
         seqs, (agreed, decided) = self.student.call("lockstep", prompts, self.rule, sorted(self.eos_ids),
                                                     self.cfg.max_new_tokens, self.cfg.teacher_topk)
         self.rule.agreed += agreed

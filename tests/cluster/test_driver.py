@@ -126,7 +126,9 @@ def test_a_batch_staler_than_the_bound_is_refused(tmp_path):
 # --- switchkd train end to end ----------------------------------------------------------------------
 
 def _ray_processes() -> int:
-    return len(subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split())
+    """Ray's daemons and lockstep teacher processes (children of engine actors) running now."""
+    pattern = "raylet|gcs_server|switchkd.rollout.lockstep_process"
+    return len(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split())
 
 
 def _shm_entries() -> set[str]:
@@ -146,13 +148,13 @@ def _train(args, timeout=600, **kw):
 
 @pytest.fixture
 def clean_machine():
-    """Asserts a test leaves no Ray processes and no new /dev/shm entries behind."""
+    """Asserts a test leaves no Ray (or lockstep teacher) processes and no new /dev/shm entries behind."""
     ray_before, shm_before = _ray_processes(), _shm_entries()
     yield
     deadline = time.time() + 30
     while _ray_processes() > ray_before and time.time() < deadline:
         time.sleep(1)
-    assert _ray_processes() <= ray_before, "Ray processes left behind"
+    assert _ray_processes() <= ray_before, "Ray or lockstep teacher processes left behind"
     assert _shm_entries() - shm_before == set(), f"/dev/shm leftovers: {_shm_entries() - shm_before}"
 
 
@@ -205,7 +207,7 @@ def _kill(actor_class: str) -> None:
 
 def test_a_run_whose_engine_dies_without_restarts_fails_and_cleans_up(tiny_models, tmp_path, clean_machine):
     proc = _start_and_wait_for_first_step(tiny_models, tmp_path, "cluster.engine_max_restarts=0")
-    _kill("PairEngine")  # rollout.mode=lockstep: both engines in one actor
+    _kill("PairEngine")  # rollout.mode=lockstep: both engines in one actor (and its child)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode not in (0, 130), err[-3000:]
     assert "PairEngine" in err
@@ -217,7 +219,7 @@ def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_mode
                                                                       mode):
     """Kill an engine actor at a random point: Ray restarts it, the weights are re-synced, the
     batch in flight is rolled out again; the prompt ledger of the epoch is exact. Lockstep hosts
-    both engines in one PairEngine actor; block mode has a teacher and a student actor."""
+    both engines in one PairEngine actor (the teacher in its child process); block mode has a teacher and a student actor."""
     import random
 
     from transformers import AutoTokenizer

@@ -48,7 +48,7 @@ def test_soak_with_random_engine_kills(tiny_models, tmp_path):
         if proc.poll() is not None:
             break
         time.sleep(rng.uniform(0.0, 1.0))
-        _kill("PairEngine")  # rollout.mode=lockstep: both engines in one actor
+        _kill("PairEngine")  # rollout.mode=lockstep: both engines in one actor (and its child)
         kills += 1
     rss_end = _tree_rss(proc.pid) if proc.poll() is None else None
     _, err = proc.communicate(timeout=1200)

@@ -214,9 +214,9 @@ def test_responses_stop_at_max_model_len_with_finish_reason_length(pairs):
 
 @pytest.mark.parametrize("override,message", [
     (dict(teacher=EngineConfig(server=ServerConfig(url="http://127.0.0.1:8000"))), "use rollout.mode=block"),
-    (dict(teacher=EngineConfig(device="cuda", num_gpus=1)), "one process on one device"),
+    (dict(teacher=EngineConfig(device="cuda", num_gpus=1)), "side by side on one device"),
 ])
-def test_lockstep_config_needs_both_engines_in_one_process(override, message):
+def test_lockstep_config_needs_both_engines_side_by_side(override, message):
     with pytest.raises(ValueError, match=message):
         RolloutConfig(engine="vllm", mode="lockstep", **override)
     RolloutConfig(engine="vllm", mode="block", **override)  # block mode is how to run them apart
