@@ -12,7 +12,6 @@ import threading
 import time
 
 import torch
-
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig

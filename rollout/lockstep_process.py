@@ -129,10 +129,9 @@ class TeacherProcess:
         while self._stepping:
             try:
                 self._reply("stepped")
-            except LockstepError as e:
+            except LockstepError:  # the child's failed step is expected here; its death is not
                 if self.proc.poll() is not None:
                     raise
-                del e  # the child's failed step: expected here
             self._stepping = False
         self._send("abort", request_ids)
         self._reply("done")
@@ -208,25 +207,24 @@ def _serve(conn: Connection) -> None:
             try:
                 if op == "add":
                     request_id, token_ids, params = arg
-                    vllm_lockstep._EXCHANGES.setdefault(params.extra_args[LOCKSTEP_KEY][0], side)
+                    vllm_lockstep.serve_exchange(params.extra_args[LOCKSTEP_KEY][0], side)
                     core.add_request(request_id, tokens_input(token_ids), params)
                 elif op == "step":
                     side.offers = 0
                     core.step()
                     conn.send(("stepped", side.offers))
                 elif op == "abort":
-                    vllm_lockstep._EXCHANGES.clear()
+                    vllm_lockstep.forget_exchanges()
                     core.abort_request(arg)
                     conn.send(("done", None))
                 elif op == "unfinished":
-                    vllm_lockstep._EXCHANGES.clear()
+                    vllm_lockstep.forget_exchanges()
                     conn.send(("done", core.has_unfinished_requests()))
                 elif op == "stop":
                     return
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     finally:
-
         engine.shutdown()
 
 

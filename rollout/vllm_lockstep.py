@@ -41,8 +41,18 @@ from switchkd.rollout.switch import topk_logprobs
 from switchkd.rollout.vllm_fastpath import RequestStateLogitsProcessor
 
 LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
-_EXCHANGES: dict[int, "Exchange"] = {}
+_EXCHANGES: dict[int, object] = {}   # exchange id -> its Exchange (in a teacher process: the parent link)
 _ids = itertools.count()
+
+
+def serve_exchange(exchange_id: int, side) -> None:
+    """Route the teacher rows of rollout ``exchange_id`` to ``side`` (a teacher process's parent link)."""
+    _EXCHANGES.setdefault(exchange_id, side)
+
+
+def forget_exchanges() -> None:
+    """Drop every routed rollout (a teacher process, once its parent's rollout ended)."""
+    _EXCHANGES.clear()
 
 
 class LockstepError(RuntimeError):
