@@ -6,7 +6,7 @@ STAMP := $(VENV)/.switchkd-installed
 REQS := requirements/torch-cpu.txt requirements/cpu.txt requirements/models.txt setup.py
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: install run test test-slow tiny-models clean bench trl-venv
+.PHONY: install run test test-slow test-gpu tiny-models clean bench trl-venv
 
 install: $(STAMP)
 
@@ -34,10 +34,15 @@ run: install
 	$(VENV)/bin/switchkd pipeline --out runs/default-$(shell date +%Y%m%d-%H%M%S)
 
 test: install trl-venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
+
+# On a GPU machine, in the environment of requirements/gpu.txt (README, "GPU machines"): the
+# trainer on cuda (nccl, DeepSpeed ZeRO 1-3) against the plain CPU loop, step for step.
+test-gpu:
+	python3 -m pytest -q -m gpu tests
 
 # The benchmark suite (BENCHMARKS.md): every result JSON and plot under benchmarks/results/, about 25 min.
 bench: install tiny-models trl-venv

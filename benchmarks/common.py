@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -18,8 +19,13 @@ def machine_info() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "versions": versions}
+    torch = sys.modules.get("torch")  # only where the benchmark uses torch; never initialises CUDA itself
+    if torch is not None and torch.cuda.is_initialized():
+        info["gpu"] = {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count(),
+                       "cuda": torch.version.cuda, "torch": torch.__version__}
+    return info
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:

@@ -13,6 +13,12 @@ so parts must not share one), writing benchmarks/results/<name>.json:
     e2e       e2e.py                 -> e2e_<pair>.json         closed loop SWITCH + GKD vs TRL GKDTrainer
     trl       e2e.py --methods trl   -> trl_gkd_<pair>.json     TRL alone (e2e already includes it)
     scaling   scaling.py             -> scaling_rollout.json, scaling_trainer.json
+    gpu       trainer_throughput.py --device cuda (fp32, bf16), scaling.py trainer --device cuda
+              -> trainer_gpu_fp32.json, trainer_gpu_bf16.json, scaling_trainer_gpu.json
+
+`gpu` runs only when asked for (`--only gpu`, on a machine with a CUDA GPU: nccl + DeepSpeed
+ZeRO on the device). Its figures are reported in a section of their own and never enter the
+CPU targets; a CPU `make bench` keeps the GPU result files it finds.
 
 then draws every plot it has data for into <results>/plots/ (from the JSON files present, so
 `--only` refreshes its own plots and keeps the others) and writes <results>/suite.json: the
@@ -43,7 +49,8 @@ sys.path.insert(0, str(HERE))
 
 from common import machine_info, write_json  # noqa: E402
 
-PARTS = ("rollout", "trainer", "sync", "e2e", "scaling", "trl")
+PARTS = ("rollout", "trainer", "sync", "e2e", "scaling", "trl", "gpu")
+GPU_RESULTS = ("trainer_gpu_fp32", "trainer_gpu_bf16", "scaling_trainer_gpu")
 # The rollout target is judged on rollout.mode's default, lockstep (block is shown beside it).
 # The end-to-end target is judged on each pair that has a result (the SmolLM2 one only after
 # `run.py --only e2e --models smollm2`): "e2e_switch_over_trl_samples_per_s" is the tiny pair.
@@ -91,6 +98,14 @@ def plan(args, out: Path) -> list[Job]:
             for sweep in ("rollout", "trainer"):
                 jobs.append(Job(part, f"scaling_{sweep}", [py, str(HERE / "scaling.py"), sweep, *quick,
                                                            "--json", str(out / f"scaling_{sweep}.json")]))
+        elif part == "gpu":
+            for precision in ("fp32", "bf16"):
+                name = f"trainer_gpu_{precision}"
+                jobs.append(Job(part, name, [py, str(HERE / "trainer_throughput.py"), *quick, "--device", "cuda",
+                                             "--precision", precision, "--json", str(out / f"{name}.json")]))
+            jobs.append(Job(part, "scaling_trainer_gpu", [py, str(HERE / "scaling.py"), "trainer", *quick, "--device",
+                                                          "cuda", "--precision", "bf16",
+                                                          "--json", str(out / "scaling_trainer_gpu.json")]))
     return jobs
 
 
@@ -185,10 +200,16 @@ def headline(out: Path) -> dict:
                            for k, v in r["deepspeed"].items()}}
         if "deepspeed_zero1_workers1" in r["deepspeed"]:
             targets["trainer_zero1_over_plain"] = r["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
-    if r := load(out, "scaling_trainer"):
-        h["scaling_trainer"] = {row["length"]: {"plain": row["plain"]["tokens_per_s"],
-                                                "zero1": row["deepspeed_zero1"]["tokens_per_s"],
-                                                "ratio": row["ratio_vs_plain"]} for row in r["lengths"]}
+    for name in ("trainer_gpu_fp32", "trainer_gpu_bf16"):  # GPU figures: no CPU target reads them
+        if r := load(out, name):
+            h[name] = {"gpu": r["machine"].get("gpu", {}).get("name"), "plain_tokens_per_s": r["plain"]["tokens_per_s"],
+                       **{k: {"tokens_per_s": v["tokens_per_s"], "ratio_vs_plain": v["ratio_vs_plain"]}
+                          for k, v in r["deepspeed"].items()}}
+    for name in ("scaling_trainer", "scaling_trainer_gpu"):
+        if r := load(out, name):
+            h[name] = {row["length"]: {"plain": row["plain"]["tokens_per_s"],
+                                       "zero1": row["deepspeed_zero1"]["tokens_per_s"],
+                                       "ratio": row["ratio_vs_plain"]} for row in r["lengths"]}
     if r := load(out, "weight_sync"):
         h["weight_sync"] = {row["size"]: {k: row[k] for k in ("bytes", "shm_s", "collective_s", "engine_reload_s",
                                                               "memcpy_s")} for row in r["table"]}
@@ -256,13 +277,14 @@ def draw_all(out: Path) -> list[Path]:
             _bars(ax, [{"hf": "HF reference", "lockstep_inline": "lockstep\ninline"}.get(m, m) for m in methods], [r[f"{m}_tokens_per_s"] for m in methods],
                   f"rollout, {pair}: {c['prompts']} x {c['max_new_tokens']} tokens", "tokens/s (median)")
         made.append(_save(fig, plots / "rollout_methods.png"))
-    if r := load(out, "trainer"):
-        names = ["plain"] + list(r["deepspeed"])
-        values = [r["plain"]["tokens_per_s"]] + [v["tokens_per_s"] for v in r["deepspeed"].values()]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        _bars(ax, [n.replace("deepspeed_", "").replace("_workers", " w") for n in names], values,
-              "trainer: plain PyTorch loop vs DeepSpeed", "response tokens/s (median step)")
-        made.append(_save(fig, plots / "trainer.png"))
+    for name in ("trainer", "trainer_gpu_fp32", "trainer_gpu_bf16"):
+        if r := load(out, name):
+            names = ["plain"] + list(r["deepspeed"])
+            values = [r["plain"]["tokens_per_s"]] + [v["tokens_per_s"] for v in r["deepspeed"].values()]
+            fig, ax = plt.subplots(figsize=(7, 4))
+            _bars(ax, [n.replace("deepspeed_", "").replace("_workers", " w") for n in names], values,
+                  f"trainer: plain PyTorch loop vs DeepSpeed{_where(r)}", "response tokens/s (median step)")
+            made.append(_save(fig, plots / f"{name}.png"))
     if r := load(out, "weight_sync"):
         rows = r["table"]
         x = [row["bytes"] / 2**20 for row in rows]
@@ -336,18 +358,25 @@ def draw_all(out: Path) -> list[Path]:
         axes[1].set(xlabel="teacher-token fraction", ylabel="ratio", title="speed-up and gap vs teacher fraction")
         axes[1].legend()
         made.append(_save(fig, plots / "scaling_rollout_tau0.png"))
-    if r := load(out, "scaling_trainer"):
-        rows = r["lengths"]
-        x = [row["length"] for row in rows]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(x, [row["plain"]["tokens_per_s"] for row in rows], marker="o", label="plain PyTorch loop")
-        ax.plot(x, [row["deepspeed_zero1"]["tokens_per_s"] for row in rows], marker="s", label="DeepSpeed ZeRO-1")
-        ax.set(xscale="log", xlabel="response length (tokens)", ylabel="response tokens/s (median step)",
-               title="trainer tokens/s vs sequence length")
-        ax.set_xticks(x, [str(v) for v in x])
-        ax.legend()
-        made.append(_save(fig, plots / "scaling_trainer_length.png"))
+    for name, png in (("scaling_trainer", "scaling_trainer_length"), ("scaling_trainer_gpu", "scaling_trainer_gpu")):
+        if r := load(out, name):
+            rows = r["lengths"]
+            x = [row["length"] for row in rows]
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot(x, [row["plain"]["tokens_per_s"] for row in rows], marker="o", label="plain PyTorch loop")
+            ax.plot(x, [row["deepspeed_zero1"]["tokens_per_s"] for row in rows], marker="s", label="DeepSpeed ZeRO-1")
+            ax.set(xscale="log", xlabel="response length (tokens)", ylabel="response tokens/s (median step)",
+                   title=f"trainer tokens/s vs sequence length{_where(r)}")
+            ax.set_xticks(x, [str(v) for v in x])
+            ax.legend()
+            made.append(_save(fig, plots / f"{png}.png"))
     return made
+
+
+def _where(r: dict) -> str:
+    """A title suffix for a GPU result: its card and precision (CPU results get none)."""
+    gpu = r["machine"].get("gpu")
+    return f"\n{gpu['name']}, {r.get('precision', 'fp32')}" if r.get("device") == "cuda" and gpu else ""
 
 
 # ---------------------------------------------------------------- tables (BENCHMARKS.md)
@@ -455,24 +484,9 @@ def render_tables(out: Path, summary: dict) -> str:
                           row.get("lockstep_over_block"), row["block_over_stepwise"], row.get("floor_over_lockstep"),
                           row["floor_over_block"], row["block"]["engine_calls_per_generate"]] for row in r["tau0"]])
     if r := load(out, "trainer"):
-        lines += ["**Trainer** (`trainer_throughput.py`; response tokens/s, median step):", ""]
-        lines += _table(["variant", "tokens/s", "best step tokens/s", "x plain"],
-                        [["plain PyTorch loop", r["plain"]["tokens_per_s"], r["plain"]["best_tokens_per_s"], 1.0]]
-                        + [[k, v["tokens_per_s"], v["best_tokens_per_s"], v["ratio_vs_plain"]]
-                           for k, v in r["deepspeed"].items()])
+        lines += _trainer_table(r, "**Trainer** (`trainer_throughput.py`; response tokens/s, median step):")
     if r := load(out, "scaling_trainer"):
-        c = r["config"]
-        lines += [f"**Trainer vs sequence length** ({c['layers']} layers, hidden {c['hidden']}, {c['rows']} rows, micro "
-                  f"batch {c['micro']}, prompt {c['prompt']}):", ""]
-        rows, prev = [], None
-        for row in r["lengths"]:
-            growth = "-" if prev is None else _f((row["plain"]["median_s"] / prev["plain"]["median_s"])
-                                                 / (row["length"] / prev["length"]))
-            rows.append([row["length"], row["plain"]["tokens_per_s"], row["deepspeed_zero1"]["tokens_per_s"],
-                         row["ratio_vs_plain"], growth])
-            prev = row
-        lines += _table(["response length", "plain tok/s", "ZeRO-1 tok/s", "ZeRO-1 / plain",
-                         "time growth / work growth"], rows)
+        lines += _scaling_trainer_table(r, "**Trainer vs sequence length**")
     if r := load(out, "weight_sync"):
         lines += ["**Weight sync vs model size** (`weight_sync.py`, float32, median of the repeats):", ""]
         lines += _table(["size", "params", "MiB", "shm s", "collective s", "floor: engine reload s",
@@ -480,8 +494,52 @@ def render_tables(out: Path, summary: dict) -> str:
                         [[row["size"], row["params"], row["bytes"] / 2**20, row["shm_s"], row["collective_s"],
                           row["engine_reload_s"], row["file_s"], row["memcpy_s"], row["shm_over_engine_reload"]]
                          for row in r["table"]])
+    lines += _gpu_tables(out)
     lines += ["Plots: " + ", ".join(f"[{Path(p).stem}](benchmarks/results/{p})" for p in summary["plots"]), ""]
     return "\n".join(lines)
+
+
+def _trainer_table(r: dict, title: str) -> list[str]:
+    return [title, ""] + _table(
+        ["variant", "tokens/s", "best step tokens/s", "x plain"],
+        [["plain PyTorch loop", r["plain"]["tokens_per_s"], r["plain"]["best_tokens_per_s"], 1.0]]
+        + [[k, v["tokens_per_s"], v["best_tokens_per_s"], v["ratio_vs_plain"]] for k, v in r["deepspeed"].items()])
+
+
+def _scaling_trainer_table(r: dict, title: str) -> list[str]:
+    c = r["config"]
+    rows, prev = [], None
+    for row in r["lengths"]:
+        growth = "-" if prev is None else _f((row["plain"]["median_s"] / prev["plain"]["median_s"])
+                                             / (row["length"] / prev["length"]))
+        rows.append([row["length"], row["plain"]["tokens_per_s"], row["deepspeed_zero1"]["tokens_per_s"],
+                     row["ratio_vs_plain"], growth])
+        prev = row
+    return [f"{title} ({c['layers']} layers, hidden {c['hidden']}, {c['rows']} rows, micro batch {c['micro']}, "
+            f"prompt {c['prompt']}):", ""] + _table(
+        ["response length", "plain tok/s", "ZeRO-1 tok/s", "ZeRO-1 / plain", "time growth / work growth"], rows)
+
+
+def _gpu_tables(out: Path) -> list[str]:
+    """The GPU section: its own machine line, never mixed into the CPU tables or targets."""
+    results = {name: r for name in GPU_RESULTS if (r := load(out, name))}
+    if not results:
+        return []
+    m = next(iter(results.values()))["machine"]
+    gpu = m.get("gpu", {})
+    lines = [f"**GPU** (`run.py --only gpu`; {gpu.get('name', '?')}, torch {gpu.get('torch', '?')}, CUDA "
+             f"{gpu.get('cuda', '?')}, deepspeed {m['versions'].get('deepspeed', '?')}, transformers "
+             f"{m['versions'].get('transformers', '?')}, {m['cpus']} CPUs; nccl, one worker; GPU figures only, not "
+             "comparable with the CPU ones above):", ""]
+    for name, r in results.items():
+        if name.startswith("trainer_gpu"):
+            s = r["size"]
+            lines += _trainer_table(r, f"Trainer on the GPU, {r['precision']} ({s['layers']} layers, hidden "
+                                       f"{s['hidden']}, {s['rows']} rows x {s['response']} response tokens, micro batch "
+                                       f"{s['micro']}; response tokens/s, median step):")
+        else:
+            lines += _scaling_trainer_table(r, f"Trainer vs sequence length on the GPU, {r['precision']}")
+    return lines
 
 
 def refresh_benchmarks_md(text: str, path: Path = REPO / "BENCHMARKS.md") -> bool:

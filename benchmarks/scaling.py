@@ -1,7 +1,7 @@
 """Scaling sweeps: rollout tokens/s vs response length, batch size and tau0; trainer tokens/s vs length.
 
     python benchmarks/scaling.py rollout [--quick] [--repeats N] [--json out.json]
-    python benchmarks/scaling.py trainer [--quick] [--json out.json]
+    python benchmarks/scaling.py trainer [--quick] [--device cuda [--precision bf16]] [--json out.json]
 
 rollout: the tiny pair, in-process, one set of engines at a time: a teacher and a student vLLM
 engine serve every point for block-speculative SWITCH (and stepwise on the tau0 sweep) and for
@@ -22,7 +22,8 @@ point's work is batch x length tokens. The points are chosen so that the whole s
 trainer: the model of trainer_throughput.py (4 layers, hidden 256, vocab 512), 8 rows, micro
 batch 4, prompt 16, response length 64 .. 1024; the plain PyTorch loop and DeepSpeed ZeRO-1
 (one worker) stepped in turn (1 warm-up step + 3 timed steps each, per length), both with
---threads torch threads.
+--threads torch threads. ``--device cuda``: a ~100M-parameter model (trainer_throughput's "gpu"
+size), 16 rows, micro batch 8, response length 128 .. 1,984, on the GPU.
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ TRAINER_SWEEP = {
     "full": dict(layers=4, hidden=256, rows=8, micro=4, prompt=16, topk=16, lengths=[64, 128, 256, 512, 1024],
                  warmup=1, steps=3),
     "quick": dict(layers=2, hidden=128, rows=2, micro=2, prompt=8, topk=8, lengths=[8, 16], warmup=1, steps=1),
+    # --device cuda: trainer_throughput's "gpu" model, lengths up to its 2,048 positions
+    "gpu": dict(layers=8, hidden=1024, rows=16, micro=8, prompt=64, topk=16, lengths=[128, 256, 512, 1024, 1984],
+                warmup=2, steps=4),
 }
 
 
@@ -212,7 +216,7 @@ def trainer_sweep(args) -> dict:
 
     import trainer_throughput as tt
 
-    size = TRAINER_SWEEP["quick" if args.quick else "full"]
+    size = TRAINER_SWEEP["quick" if args.quick else "gpu" if args.device == "cuda" else "full"]
     torch.set_num_threads(args.threads)
     rows = []
     start = time.perf_counter()
@@ -223,7 +227,8 @@ def trainer_sweep(args) -> dict:
             f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={Path(tmp) / 'run'}",
             "trainer.zero_stage=1", "trainer.num_workers=1", "trainer.tensorboard=false",
             f"trainer.cpus_per_worker={args.threads}", f"trainer.batch_size={size['rows']}",
-            f"trainer.micro_batch_size={size['micro']}", "trainer.lr=0.0001", "trainer.device=cpu",
+            f"trainer.micro_batch_size={size['micro']}", "trainer.lr=0.0001", f"trainer.device={args.device}",
+            f"trainer.precision={args.precision}",
             f"rollout.max_new_tokens={max(size['lengths'])}", f"data.max_prompt_tokens={size['prompt']}",
             f"rollout.teacher.max_model_len={max(max_len, 16)}", f"rollout.student.max_model_len={max(max_len, 16)}"])
         plain = tt.PlainLoop(cfg)
@@ -243,7 +248,8 @@ def trainer_sweep(args) -> dict:
                 rows.append(row)
         finally:
             trainer.shutdown()
-    return {"benchmark": "scaling_trainer", "config": size, "lengths": rows, "seconds": time.perf_counter() - start,
+    return {"benchmark": "scaling_trainer", "config": size, "device": args.device, "precision": args.precision,
+            "lengths": rows, "seconds": time.perf_counter() - start,
             "superlinear": superlinearity(rows, "length", lambda r: r["plain"]["median_s"]),
             "machine": {**_machine(), "threads": args.threads}}
 
@@ -255,6 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per rollout point (default 2; quick 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="trainer: torch threads (1 avoids OpenMP spin-waits on an oversubscribed machine)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="trainer: where both sides train")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="trainer: both sides")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 2)

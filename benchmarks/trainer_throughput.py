@@ -8,7 +8,13 @@ loop and the single-worker variants are stepped in turn, round after round, so l
 shared machine hits them alike; their ratio is the median of per-round time ratios.
 Multi-worker runs follow, each alone, compared by median tokens/s.
 
+On a GPU (``--device cuda``: nccl, one worker per GPU) both sides run on the device, in fp32 or
+bf16 (``--precision``): DeepSpeed's bf16 mode keeps bf16 weights with fp32 master weights, the
+plain loop runs under ``torch.autocast(bfloat16)``, as a hand-written loop would. GPU figures
+are GPU figures: run.py reports them apart from the CPU ratios.
+
     python benchmarks/trainer_throughput.py [--quick] [--json out.json] [--workers 1 2]
+    python benchmarks/trainer_throughput.py --device cuda [--precision bf16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -32,13 +38,15 @@ from common import machine_info, write_json  # noqa: E402
 from switchkd.cluster.config import load_config  # noqa: E402
 from switchkd.rollout import schema  # noqa: E402
 from switchkd.trainer.batch import collate  # noqa: E402
-from switchkd.trainer.ds_config import lr_factor  # noqa: E402
+from switchkd.trainer.ds_config import lr_factor, resolve_device, use_bf16  # noqa: E402
 from switchkd.trainer.group import Trainer  # noqa: E402
 from switchkd.trainer.losses import owner_weights, per_token_divergence  # noqa: E402
 
 SIZES = {  # model and batch per mode
     "full": dict(layers=4, hidden=256, rows=8, micro=4, prompt=16, response=96, topk=16, warmup=2, steps=16),
     "quick": dict(layers=2, hidden=128, rows=4, micro=2, prompt=8, response=24, topk=8, warmup=1, steps=3),
+    # ~100M parameters, 15k response tokens a step: enough work that an H100 step is not all launch overhead.
+    "gpu": dict(layers=8, hidden=1024, rows=16, micro=8, prompt=64, response=960, topk=16, warmup=3, steps=16),
 }
 
 
@@ -77,13 +85,17 @@ def synthetic_batch(rows: int, prompt: int, response: int, topk: int, vocab: int
 
 
 class PlainLoop:
-    """A hand-written loop doing what one DeepSpeed worker does; step() returns its seconds."""
+    """A hand-written loop doing what one DeepSpeed worker does; step() returns its seconds and
+    keeps the step's loss and pre-clip gradient norm (``loss``, ``grad_norm``) for parity checks."""
 
     def __init__(self, cfg):
         from transformers import AutoModelForCausalLM
 
         self.tc = tc = cfg.trainer
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model.student, dtype=torch.float32).train()
+        self.device = torch.device(resolve_device(tc))
+        self.bf16 = use_bf16(tc, self.device.type)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model.student, dtype=torch.float32).to(self.device)
+        self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=tc.weight_decay, fused=True)  # as the trainer's
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(tc, None))
@@ -91,19 +103,27 @@ class PlainLoop:
     def step(self, table) -> float:
         tc, start = self.tc, time.perf_counter()
         tokens = sum(table.column("response_ids").combine_chunks().value_lengths().to_pylist())
+        loss = torch.zeros((), device=self.device)
         for j in range(tc.grad_accum_steps):
-            b = collate(table.slice(j * tc.micro_batch_size, tc.micro_batch_size), pad_id=0)
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-            keep = b.loss_mask
-            div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[keep],
-                                       teacher_topk_logprobs=b.topk_logprobs[keep])
-            weights = owner_weights(b.owner, keep, tc.student_token_weight, tc.teacher_token_weight)[keep]
-            ((div * weights).sum() / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            b = collate(table.slice(j * tc.micro_batch_size, tc.micro_batch_size), pad_id=0).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+                keep = b.loss_mask
+                div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[keep],
+                                           teacher_topk_logprobs=b.topk_logprobs[keep])
+                weights = owner_weights(b.owner, keep, tc.student_token_weight, tc.teacher_token_weight)[keep]
+            micro = (div * weights).sum() / tokens
+            micro.backward()
+            loss += micro.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the step is done when the GPU is, as DeepSpeed's (its all_reduce waits)
+        seconds = time.perf_counter() - start
+        self.loss, self.grad_norm = loss, grad_norm  # tensors: reading them would sync inside the timing
+        return seconds
 
 
 def interleaved(steppers: dict, table, warmup: int, steps: int) -> dict[str, dict]:
@@ -136,9 +156,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts (default 1 2; quick: 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each side in total")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: nccl, one worker per GPU")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both sides (bf16: GPU)")
+    parser.add_argument("--size", choices=tuple(SIZES), help="model and batch (default: quick, gpu or full)")
     args = parser.parse_args(argv)
-    size = SIZES["quick" if args.quick else "full"]
-    workers = args.workers or ([1] if args.quick else [1, 2])
+    size_name = args.size or ("quick" if args.quick else "gpu" if args.device == "cuda" else "full")
+    size = SIZES[size_name]
+    workers = args.workers or ([1] if args.quick or args.device == "cuda" else [1, 2])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.device == "cuda" and max(workers) > torch.cuda.device_count():
+        parser.error(f"--workers {max(workers)}: only {torch.cuda.device_count()} GPU(s) visible (one per worker)")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         student = build_student(Path(tmp) / "student", size["layers"], size["hidden"])
@@ -149,7 +177,8 @@ def main(argv=None) -> int:
                 f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={Path(tmp) / 'run'}",
                 f"trainer.zero_stage={stage}", f"trainer.num_workers={n_workers}", "trainer.tensorboard=false",
                 f"trainer.cpus_per_worker={max(1, args.threads // n_workers)}", f"trainer.batch_size={size['rows']}",
-                f"trainer.micro_batch_size={size['micro'] // n_workers}", "trainer.lr=0.0001", "trainer.device=cpu"])
+                f"trainer.micro_batch_size={size['micro'] // n_workers}", "trainer.lr=0.0001",
+                f"trainer.device={args.device}", f"trainer.precision={args.precision}"])
 
         results = {}
         trainers = []
@@ -171,13 +200,14 @@ def main(argv=None) -> int:
                 trainer.shutdown()
     plain = results.pop("plain")
     report = {
-        "benchmark": "trainer_throughput", "mode": "quick" if args.quick else "full", "size": size,
+        "benchmark": "trainer_throughput", "mode": size_name, "size": size,
+        "device": args.device, "precision": args.precision,
         "machine": {**machine_info(), "threads": args.threads, "load_avg_1m": os.getloadavg()[0]},
         "plain": plain,
         "deepspeed": {k: {**v, "ratio_vs_plain": ratio_vs_plain(v, plain, paired=k.endswith("_workers1"))}
                       for k, v in results.items()},
     }
-    if "deepspeed_zero1_workers1" in results:
+    if "deepspeed_zero1_workers1" in results and args.device == "cpu":  # the target is a CPU one
         ratio = report["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
         report["target"] = {"zero1_workers1_ratio": ratio, "required": 0.9, "met": ratio >= 0.9}
     write_json(report, args.json)
