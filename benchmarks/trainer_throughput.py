@@ -45,7 +45,7 @@ from switchkd.trainer.losses import owner_weights, per_token_divergence  # noqa:
 SIZES = {  # model and batch per mode
     "full": dict(layers=4, hidden=256, rows=8, micro=4, prompt=16, response=96, topk=16, warmup=2, steps=16),
     "quick": dict(layers=2, hidden=128, rows=4, micro=2, prompt=8, response=24, topk=8, warmup=1, steps=3),
-    # ~100M parameters, 15k response tokens a step: enough work that an H100 step is not all launch overhead.
+    # ~100M parameters, 15k response tokens a step; on an H100 still near launch-bound (BENCHMARKS.md, GPU).
     "gpu": dict(layers=8, hidden=1024, rows=16, micro=8, prompt=64, response=960, topk=16, warmup=3, steps=16),
 }
 
