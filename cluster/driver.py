@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -50,6 +52,35 @@ from switchkd.trainer.group import Trainer
 from switchkd.trainer.offline import batch_rows
 
 log = logging.getLogger(__name__)
+
+
+class Interrupt:
+    """Ctrl-C for the closed loop: SIGINT raises KeyboardInterrupt as Python's own handler does, and
+    is latched, so the loop stops at its next step even if a library swallowed the exception
+    (Python drops one raised where it cannot propagate, e.g. inside a C callback). Installed only
+    from the main thread; the previous handler comes back on exit."""
+
+    def __init__(self) -> None:
+        self.received, self._previous = False, None
+
+    def __enter__(self) -> "Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a SIGINT came since this was installed."""
+        if self.received:
+            raise KeyboardInterrupt
 
 
 class EngineRestarted(RuntimeError):
@@ -136,6 +167,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     backend = "nccl" if plan.trainer_device == "cuda" and cfg.rollout.student.device == "cuda" else "gloo"
     with ExitStack() as stack:
+        interrupt = stack.enter_context(Interrupt())
         stack.enter_context(ray_session(cfg.cluster, plan))
         pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
         if cfg.sync.transport == "shm":
@@ -157,11 +189,12 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
                                student_version=lambda: engines[1].call("version"),
                                recover=lambda: _recover_engines(engines, sync, cfg.sync.timeout_s),
                                max_restarts=cfg.cluster.engine_max_restarts)
-        result = _loop(cfg, trainer, sync, source, total, data_state, progress)
+        result = _loop(cfg, trainer, sync, source, total, data_state, progress, interrupt)
         return {**result, "skipped_prompts": dict(skipped), "prompts": len(prompts)}
 
 
-def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dict, progress: bool) -> dict:
+def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dict, progress: bool,
+          interrupt: Interrupt) -> dict:
     tc, bound = cfg.trainer, cfg.loop.max_staleness
     # shm: the trainer writes version n+1 while rollout n+1 still runs, and the engine loads it at
     # the start of the next background rollout, while step n+1 trains. A broadcast needs both
@@ -171,6 +204,7 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
     bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress)
     batch = source.run(trainer.step, sync.engine_version) if trainer.step < total else None
     while trainer.step < total:
+        interrupt.check()
         step = trainer.step
         if trainer.policy_version - batch.version > bound:
             raise RuntimeError(f"step {step}: batch of version {batch.version} is older than loop.max_staleness="

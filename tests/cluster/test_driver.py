@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from switchkd.cluster.config import load_config
-from switchkd.cluster.driver import RolloutBatch, _loop
+from switchkd.cluster.driver import Interrupt, RolloutBatch, _loop
 from switchkd.rollout.generate import summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,12 +84,13 @@ class _FakeSource:
         return RolloutBatch(step, pa.table({"v": [version]}), version, summarize([], {}, 0.05))
 
 
-def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None):
+def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None, interrupt=None):
     cfg = load_config(None, [f"loop.max_staleness={staleness}", "loop.export=false",
                              f"trainer.output_dir={tmp_path}", f"trainer.max_steps={steps}"])
     events = _Events()
     trainer = _FakeTrainer(events)
-    _loop(cfg, trainer, _FakeSync(events, trainer), _FakeSource(events, version_override), steps, {}, False)
+    _loop(cfg, trainer, _FakeSync(events, trainer), _FakeSource(events, version_override), steps, {}, False,
+          interrupt or Interrupt())
     return events.log, trainer.logged
 
 
@@ -121,6 +122,20 @@ def test_staleness_one_overlaps_the_next_rollout_with_training_and_the_sync_with
 def test_a_batch_staler_than_the_bound_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="older than loop.max_staleness=0"):
         _run_fake_loop(tmp_path, staleness=0, version_override=lambda step, v: max(0, v - 1))
+
+
+def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_loop(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    with Interrupt() as interrupt:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+            pytest.fail("SIGINT did not raise KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass  # what a library that swallows it does
+        with pytest.raises(KeyboardInterrupt):
+            _run_fake_loop(tmp_path, staleness=1, interrupt=interrupt)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # --- switchkd train end to end ----------------------------------------------------------------------
