@@ -49,21 +49,26 @@ def main(precision: str = "fp32") -> None:
             overrides.append(f"trainer.deepspeed_config={path}")
         return tt.load_config(None, overrides)
 
-    steppers = {"plain": tt.PlainLoop(config(1, None, "plain")).step}
-    for name, (stage, extra) in VARIANTS.items():
-        steppers[name] = tt._ds_step(tt.Trainer(config(stage, extra, name)))
-    results = tt.interleaved(steppers, table, 3, 10)
-    for name, r in results.items():
-        print(f"{precision} {name:22s} median {statistics.median(r['step_seconds']):.4f} s  "
-              f"min {min(r['step_seconds']):.4f}  x plain {tt.ratio_vs_plain(r, results['plain'], True):.3f}")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    for name in ("plain", "z1"):
-        with profile(activities=activities) as prof:
-            steppers[name](table)
-            steppers[name](table)
-        for key in ("self_cpu_time_total",) + (("self_cuda_time_total",) if device == "cuda" else ()):
-            print(f"==== {name}: by {key.replace('_total', '').replace('_', ' ')}")
-            print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+    steppers, trainers = {"plain": tt.PlainLoop(config(1, None, "plain")).step}, []
+    try:
+        for name, (stage, extra) in VARIANTS.items():
+            trainers.append(tt.Trainer(config(stage, extra, name)))
+            steppers[name] = tt._ds_step(trainers[-1])
+        results = tt.interleaved(steppers, table, 3, 10)
+        for name, r in results.items():
+            print(f"{precision} {name:22s} median {statistics.median(r['step_seconds']):.4f} s  "
+                  f"min {min(r['step_seconds']):.4f}  x plain {tt.ratio_vs_plain(r, results['plain'], True):.3f}")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        for name in ("plain", "z1"):
+            with profile(activities=activities) as prof:
+                steppers[name](table)
+                steppers[name](table)
+            for key in ("self_cpu_time_total",) + (("self_cuda_time_total",) if device == "cuda" else ()):
+                print(f"==== {name}: by {key.replace('_total', '').replace('_', ' ')}")
+                print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+    finally:
+        for trainer in trainers:
+            trainer.shutdown()
 
 
 if __name__ == "__main__":
