@@ -194,17 +194,15 @@ def headline(out: Path) -> dict:
         # from before lockstep was measured has no lockstep rows: the target is listed, unmeasured (None).
         best = [_best_floor_over(row, "lockstep") for row in r["length"]]
         targets["rollout_floor_over_lockstep_every_length"] = None if None in best else max(best)
-    if r := load(out, "trainer"):
-        h["trainer"] = {"plain_tokens_per_s": r["plain"]["tokens_per_s"],
-                        **{k: {"tokens_per_s": v["tokens_per_s"], "ratio_vs_plain": v["ratio_vs_plain"]}
-                           for k, v in r["deepspeed"].items()}}
-        if "deepspeed_zero1_workers1" in r["deepspeed"]:
-            targets["trainer_zero1_over_plain"] = r["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
-    for name in ("trainer_gpu_fp32", "trainer_gpu_bf16"):  # GPU figures: no CPU target reads them
+    for name in ("trainer", "trainer_gpu_fp32", "trainer_gpu_bf16"):
         if r := load(out, name):
-            h[name] = {"gpu": r["machine"].get("gpu", {}).get("name"), "plain_tokens_per_s": r["plain"]["tokens_per_s"],
+            h[name] = {"plain_tokens_per_s": r["plain"]["tokens_per_s"],
                        **{k: {"tokens_per_s": v["tokens_per_s"], "ratio_vs_plain": v["ratio_vs_plain"]}
                           for k, v in r["deepspeed"].items()}}
+            if name != "trainer":  # GPU figures: named by their card; no CPU target reads them
+                h[name]["gpu"] = r["machine"].get("gpu", {}).get("name")
+    if (r := load(out, "trainer")) and "deepspeed_zero1_workers1" in r["deepspeed"]:
+        targets["trainer_zero1_over_plain"] = r["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
     for name in ("scaling_trainer", "scaling_trainer_gpu"):
         if r := load(out, name):
             h[name] = {row["length"]: {"plain": row["plain"]["tokens_per_s"],

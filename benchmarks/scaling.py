@@ -223,14 +223,11 @@ def trainer_sweep(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         student = tt.build_student(Path(tmp) / "student", size["layers"], size["hidden"])
         max_len = size["prompt"] + max(size["lengths"])
-        cfg = tt.load_config(None, [
-            f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={Path(tmp) / 'run'}",
-            "trainer.zero_stage=1", "trainer.num_workers=1", "trainer.tensorboard=false",
-            f"trainer.cpus_per_worker={args.threads}", f"trainer.batch_size={size['rows']}",
-            f"trainer.micro_batch_size={size['micro']}", "trainer.lr=0.0001", f"trainer.device={args.device}",
-            f"trainer.precision={args.precision}",
+        cfg = tt.trainer_config(student, Path(tmp) / "run", stage=1, rows=size["rows"], micro=size["micro"],
+                                device=args.device, precision=args.precision, extra=(
+            f"trainer.cpus_per_worker={args.threads}",
             f"rollout.max_new_tokens={max(size['lengths'])}", f"data.max_prompt_tokens={size['prompt']}",
-            f"rollout.teacher.max_model_len={max(max_len, 16)}", f"rollout.student.max_model_len={max(max_len, 16)}"])
+            f"rollout.teacher.max_model_len={max(max_len, 16)}", f"rollout.student.max_model_len={max(max_len, 16)}"))
         plain = tt.PlainLoop(cfg)
         trainer = tt.Trainer(cfg)
         try:

@@ -38,21 +38,19 @@ def main(precision: str = "fp32") -> None:
     student = tt.build_student(tmp / "student", size["layers"], size["hidden"])
     table = tt.synthetic_batch(size["rows"], size["prompt"], size["response"], size["topk"])
 
-    def config(stage, extra, name):
-        overrides = [f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={tmp / name}",
-                     f"trainer.zero_stage={stage}", "trainer.num_workers=1", "trainer.tensorboard=false",
-                     f"trainer.batch_size={size['rows']}", f"trainer.micro_batch_size={size['micro']}",
-                     "trainer.lr=0.0001", f"trainer.device={device}", f"trainer.precision={precision}"]
-        if extra:
+    def config(stage, ds_json, name):
+        overrides = ()
+        if ds_json:
             path = tmp / f"{name}.json"
-            path.write_text(json.dumps(extra))
-            overrides.append(f"trainer.deepspeed_config={path}")
-        return tt.load_config(None, overrides)
+            path.write_text(json.dumps(ds_json))
+            overrides = (f"trainer.deepspeed_config={path}",)
+        return tt.trainer_config(student, tmp / name, stage=stage, rows=size["rows"], micro=size["micro"],
+                                 device=device, precision=precision, extra=overrides)
 
     steppers, trainers = {"plain": tt.PlainLoop(config(1, None, "plain")).step}, []
     try:
-        for name, (stage, extra) in VARIANTS.items():
-            trainers.append(tt.Trainer(config(stage, extra, name)))
+        for name, (stage, ds_json) in VARIANTS.items():
+            trainers.append(tt.Trainer(config(stage, ds_json, name)))
             steppers[name] = tt._ds_step(trainers[-1])
         results = tt.interleaved(steppers, table, 3, 10)
         for name, r in results.items():

@@ -84,6 +84,18 @@ def synthetic_batch(rows: int, prompt: int, response: int, topk: int, vocab: int
     return schema.to_table(out)
 
 
+def trainer_config(student: Path, output_dir: Path, *, stage: int, rows: int, micro: int, workers: int = 1,
+                   device: str = "cpu", precision: str = "fp32", extra: tuple[str, ...] = ()):
+    """The config the trainer benchmarks train with: ``student`` (also named as the teacher), ZeRO
+    ``stage``, ``rows`` per step in micro-batches of ``micro`` per worker, lr 1e-4, no TensorBoard;
+    the ``extra`` overrides come last and win."""
+    return load_config(None, [
+        f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={output_dir}",
+        f"trainer.zero_stage={stage}", f"trainer.num_workers={workers}", "trainer.tensorboard=false",
+        f"trainer.batch_size={rows}", f"trainer.micro_batch_size={micro}", "trainer.lr=0.0001",
+        f"trainer.device={device}", f"trainer.precision={precision}", *extra])
+
+
 class PlainLoop:
     """A hand-written loop doing what one DeepSpeed worker does; step() returns its seconds and
     keeps the step's loss and pre-clip gradient norm (``loss``, ``grad_norm``) for parity checks."""
@@ -173,12 +185,10 @@ def main(argv=None) -> int:
         table = synthetic_batch(size["rows"], size["prompt"], size["response"], size["topk"])
 
         def config(stage, n_workers):
-            return load_config(None, [
-                f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={Path(tmp) / 'run'}",
-                f"trainer.zero_stage={stage}", f"trainer.num_workers={n_workers}", "trainer.tensorboard=false",
-                f"trainer.cpus_per_worker={max(1, args.threads // n_workers)}", f"trainer.batch_size={size['rows']}",
-                f"trainer.micro_batch_size={size['micro'] // n_workers}", "trainer.lr=0.0001",
-                f"trainer.device={args.device}", f"trainer.precision={args.precision}"])
+            return trainer_config(student, Path(tmp) / "run", stage=stage, rows=size["rows"],
+                                  micro=size["micro"] // n_workers, workers=n_workers, device=args.device,
+                                  precision=args.precision,
+                                  extra=(f"trainer.cpus_per_worker={max(1, args.threads // n_workers)}",))
 
         results = {}
         trainers = []

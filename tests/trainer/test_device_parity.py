@@ -34,11 +34,8 @@ def student(bench, tmp_path_factory):
 
 
 def _config(bench, student, out, device, stage):
-    return bench.load_config(None, [
-        f"model.student={student}", f"model.teacher={student}", f"trainer.output_dir={out}",
-        f"trainer.zero_stage={stage}", "trainer.num_workers=1", "trainer.tensorboard=false",
-        "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=0.001", "trainer.grad_clip=1.0",
-        f"trainer.device={device}", "trainer.precision=fp32"])
+    return bench.trainer_config(student, out, stage=stage, rows=4, micro=2, device=device,
+                                extra=("trainer.lr=0.001", "trainer.grad_clip=1.0"))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
