@@ -42,10 +42,11 @@ def stats(times: list[float]) -> dict:
     return {"min_s": min(times), "median_s": statistics.median(times), "max_s": max(times), "repeats": len(times)}
 
 
-def write_json(result: dict, path: str | None) -> None:
-    """Print ``result`` as JSON and, if asked, write it to ``path`` (atomically)."""
+def write_json(result: dict, path: str | None, quiet: bool = False) -> None:
+    """Print ``result`` as JSON (unless ``quiet``) and, if asked, write it to ``path`` (atomically)."""
     text = json.dumps(result, indent=2, sort_keys=True)
-    print(text)
+    if not quiet:
+        print(text)
     if path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)

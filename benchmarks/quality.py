@@ -1,23 +1,31 @@
-"""Quality of every method at an equal budget: ROUGE-L on the held-out test split, over seeds.
+"""The quality study: every method at an equal budget from one warm-up, scored on the whole test
+split with every `switchkd eval` metric, over seeds, with paired bootstrap CIs against SWITCH.
 
-One SFT warm-up of the layer-dropped student (as `switchkd pipeline`; or --warmup-from an existing
-one) is the common starting point; for each seed, every configs/baselines/*.yaml method trains
---steps steps from it (same steps, prompts per step, LR, loss, max_new_tokens: the baseline
-configs differ only in their "method" lines), and each result is evaluated (greedy and sampled) on
---eval-prompts test prompts. The warmed-up student itself is evaluated too ("warm-up").
+One SFT warm-up of the layer-dropped student (as `switchkd pipeline`, or --warmup-from an
+existing one) is the common starting point. Each (method, seed) run trains configs/baselines/
+METHOD.yaml for --steps steps of 8 prompts from it (the baseline configs differ only in their
+"method" lines) and is evaluated with the same evaluation seed as every other model, so sampled
+answers share their noise and every comparison is paired prompt by prompt.
 
-    python benchmarks/quality.py [--quick] [--seeds 3] [--steps 12] [--warmup-from DIR] [--json benchmarks/results/quality.json]
+    python benchmarks/quality.py --warmup-from RUN/warmup/export [--steps 100] [--commit]
+    python benchmarks/quality.py --aggregate-only          # tables, CIs and plots from the committed files
 
-Writes the JSON (per method: mean and standard deviation over seeds, overall and per
-reference-length bucket; the teacher-token fraction by position of the rollout methods) and PNG
-plots next to it (plots/quality_*.png). Runs go to --out; a run directory that already holds a
-complete stage reuses it (an interrupted benchmark continues). --quick: the tiny random pair, 2 steps,
-one seed (checks the machinery; its numbers mean nothing).
+Resumable run by run: each finished run writes RESULTS/runs/METHOD-seedN.json (scores, wall time,
+load) and METHOD-seedN.rows.jsonl.gz (every prompt: index, reference, teacher answer, the model's
+greedy and sampled answers and their scores); a run whose files exist is not run again, and a run
+that was interrupted resumes from its last checkpoint (trainer.save_every). --commit commits each
+run's files as they land. The aggregate (RESULTS/../quality.json and plots/quality_*.png) is
+recomputed from those files alone. --quick: the tiny random pair, 2 steps, one seed (checks the
+machinery; its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,85 +35,136 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("sft", "kd", "seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
+METHODS = ("switch-exp", "gkd", "skd", "sft", "seqkd", "switch-linear", "switch-const", "kd")
 ROLLOUT_METHODS = ("seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
+REFERENCE = "switch-exp"          # every method's CIs are against it
+DEFAULT_SEEDS = {"switch-exp": 3, "gkd": 3, "skd": 3, "sft": 3, "seqkd": 1, "switch-linear": 1, "switch-const": 1,
+                 "kd": 1}
+EVAL_SEED = 0                     # one evaluation seed for every model: sampled answers are paired too
+SAVE_EVERY = 10                   # checkpoint interval of a run (an interrupted run resumes from it)
 
 
-def warm_up(args, base: list[str]) -> str:
-    """The common starting point of every method: an SFT warm-up of the layer-dropped student
-    (seed 0, as `switchkd pipeline`), or the export given with --warmup-from."""
-    if args.warmup_from:
-        return args.warmup_from
-    from switchkd.cluster.pipeline import WARMUP_CONFIG, WARMUP_LR, train_stage, training_overrides
-
-    out = Path(args.out) / "warmup"
-    return train_stage(WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out), f"trainer.lr={WARMUP_LR}"],
-                       out, progress=False)["export"]
+def run_order(seeds: dict[str, int]) -> list[tuple[str, int]]:
+    """(method, seed) in the order they run: seed 0 of every method first, then seed 1, ..."""
+    return [(m, s) for s in range(max(seeds.values(), default=0)) for m in METHODS if s < seeds.get(m, 0)]
 
 
-def run_seed(seed: int, student: str, methods: list[str], args, base: list[str]) -> dict[str, dict]:
-    """Every method for ``seed`` from the warmed-up ``student``; {method: eval report}."""
-    from switchkd.cluster.pipeline import eval_stage, saved_rollouts, train_stage, training_overrides
+def run_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
 
-    out = Path(args.out) / f"seed{seed}"
-    eval_overrides = [*base, "data.split=test", f"data.max_prompts={args.eval_prompts}", f"rollout.seed={seed}"]
+
+def save_run(results: Path, name: str, report: dict, meta: dict) -> list[Path]:
+    """RESULTS/runs/NAME.json (the report without its rows, plus ``meta``) and NAME.rows.jsonl.gz,
+    both atomically; returns the two paths."""
+    runs = results / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    summary = {**meta, **{k: v for k, v in report.items() if k != "rows"}}
+    rows_path, json_path = runs / f"{name}.rows.jsonl.gz", runs / f"{name}.json"
+    tmp = rows_path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for row in report["rows"]:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, rows_path)
+    write_json(summary, str(json_path), quiet=True)
+    return [json_path, rows_path]
+
+
+def load_run(results: Path, name: str) -> dict | None:
+    """A saved run as an eval report (summary + rows), or None when it has not finished."""
+    json_path, rows_path = results / "runs" / f"{name}.json", results / "runs" / f"{name}.rows.jsonl.gz"
+    if not (json_path.is_file() and rows_path.is_file()):
+        return None
+    with gzip.open(rows_path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return {**json.loads(json_path.read_text()), "rows": rows}
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """git add + commit ``paths`` in this checkout (the study's worktree)."""
+    subprocess.run(["git", "-C", str(REPO), "add", *map(str, paths)], check=True)
+    subprocess.run(["git", "-C", str(REPO), "commit", "-q", "-m", message, "--", *map(str, paths)], check=True)
+
+
+def run_study(args, base: list[str]) -> None:
+    """Warm-up, teacher and warm-up evaluations, then every (method, seed) not saved yet."""
+    from switchkd.cluster.config import load_config
+    from switchkd.cluster.pipeline import (WARMUP_CONFIG, WARMUP_LR, eval_stage, prepare_defaults, saved_rollouts,
+                                           train_stage, training_overrides)
+
+    results, out = Path(args.results), Path(args.out)
     config = lambda method: str(REPO / "configs" / "baselines" / f"{method}.yaml")  # noqa: E731
-    reports = {"warm-up": eval_stage(config("sft"), eval_overrides, student, out / "eval" / "warm-up.json")}
-    for method in methods:
-        start = time.perf_counter()
-        run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, out / method, student)],
-                          out / method, progress=False)
-        rollouts = saved_rollouts(out / method)
-        reports[method] = eval_stage(config(method), eval_overrides, run["export"], out / "eval" / f"{method}.json",
-                                     rollouts if method in ROLLOUT_METHODS else ())
-        print(f"seed {seed} {method}: ROUGE-L greedy {reports[method]['greedy']['rougeL']:.2f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return reports
+    eval_overrides = [*base, "data.split=test", f"rollout.seed={EVAL_SEED}"]
+    prepare_defaults()
+    student = args.warmup_from or train_stage(
+        WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out / "warmup"), f"trainer.lr={WARMUP_LR}"],
+        out / "warmup", progress=False)["export"]
+    code = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher, None), ("warm-up", student, None)]
+    teacher = None
+    for name, model_dir, _ in fixed:
+        if load_run(results, name) is None:
+            start = time.perf_counter()
+            report = eval_stage(config(REFERENCE), eval_overrides, model_dir, out / "eval" / f"{name}.json",
+                                max_prompts=args.eval_prompts, teacher_report=teacher)
+            paths = save_run(results, name, report, {"run": name, "eval_seconds": time.perf_counter() - start,
+                                                     "code": code})
+            if args.commit:
+                commit(paths, f"Quality study: {name} evaluated ({report['prompts']} test prompts)")
+        teacher = teacher or load_run(results, "teacher")
+    for method, seed in run_order(args.seeds):
+        name = run_name(method, seed)
+        if load_run(results, name) is not None:
+            continue
+        start, load_start = time.perf_counter(), os.getloadavg()[1]
+        run_dir = out / name
+        run = train_stage(config(method), [*base, *training_overrides(args.steps, seed, run_dir, student),
+                                           f"trainer.save_every={SAVE_EVERY}"], run_dir, progress=False)
+        train_seconds = time.perf_counter() - start
+        report = eval_stage(config(method), eval_overrides, run["export"], out / "eval" / f"{name}.json",
+                            saved_rollouts(run_dir) if method in ROLLOUT_METHODS else (),
+                            max_prompts=args.eval_prompts, teacher_report=teacher)
+        meta = {"run": name, "method": method, "seed": seed, "steps": args.steps, "config": config(method),
+                "overrides": base, "code": code, "train_seconds": train_seconds,
+                "wall_seconds": time.perf_counter() - start, "loadavg_5min": [load_start, os.getloadavg()[1]]}
+        paths = save_run(results, name, report, meta)
+        print(f"{name}: {report['greedy']['rougeL']:.2f} ROUGE-L greedy, {meta['wall_seconds'] / 60:.1f} min",
+              flush=True)
+        if args.commit:
+            commit(paths, f"Quality study: {name}, {args.steps} steps ({meta['wall_seconds'] / 60:.0f} min)")
 
 
-def seeds_of(method: str, args) -> int:
-    """How many seeds ``method`` runs: --seeds, or fewer where --method-seeds says so."""
-    limits = dict(item.split("=", 1) for item in args.method_seeds)
-    return min(args.seeds, int(limits.get(method, args.seeds)))
+def aggregate(results: Path) -> dict:
+    """Per method: seeds, mean and std over seeds of every metric (overall and per length bucket),
+    wall time, teacher fraction, and paired bootstrap CIs of (method - SWITCH) and (method - warm-up)."""
+    from switchkd.rollout.eval_stats import compare
 
-
-def load_reports(out: Path) -> dict[int, dict[str, dict]]:
-    """Every complete evaluation under OUT/seed*/eval/ (what --aggregate-only summarises)."""
-    import json
-
-    per_seed = {}
-    for seed_dir in sorted(Path(out).glob("seed*"), key=lambda p: int(p.name[4:])):
-        found = {p.stem: json.loads(p.read_text()) for p in (seed_dir / "eval").glob("*.json")}
-        per_seed[int(seed_dir.name[4:])] = {m: found[m] for m in ("warm-up", *METHODS) if m in found}
-    return per_seed
-
-
-def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict:
-    """Per method: mean / std over the seeds that ran it of ROUGE-L (overall, per bucket) and
-    teacher fractions; ``seeds`` lists them."""
-    result = {}
-    for method in _methods(per_seed):
-        seeds = [s for s in per_seed if method in per_seed[s]]
-        reports = [per_seed[s][method] for s in seeds]
-        entry = {"seeds": seeds}
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        report = load_run(results, path.stem)
+        if report is not None:
+            runs.setdefault(report.get("method", report["run"]), []).append(report)
+    out = {}
+    for method, reports in runs.items():
+        entry: dict = {"seeds": [r.get("seed") for r in reports]}
+        if "wall_seconds" in reports[0]:
+            entry["wall_minutes"] = _spread([r["wall_seconds"] / 60 for r in reports])
         for mode in ("greedy", "sampled"):
             if mode not in reports[0]:
                 continue
-            buckets = sorted({b for r in reports for b in r[mode]["rougeL_by_reference_length"]},
-                             key=lambda b: int(b.split("-")[0].rstrip("+")))
-            entry[mode] = {"rougeL": _spread([r[mode]["rougeL"] for r in reports]),
-                           "mean_response_tokens": _spread([r[mode]["mean_response_tokens"] for r in reports]),
-                           "rougeL_by_reference_length": {
-                               b: _spread([r[mode]["rougeL_by_reference_length"][b]["rougeL"] for r in reports
-                                           if b in r[mode]["rougeL_by_reference_length"]]) for b in buckets}}
+            metrics = [m for m, v in reports[0][mode].items() if isinstance(v, float) and m != "temperature"]
+            entry[mode] = {m: _spread([r[mode][m] for r in reports]) for m in metrics}
+            entry[mode]["eos_rate"] = _spread([r[mode]["finish_reasons"].get("stop", 0) / r["prompts"]
+                                               for r in reports])
+            entry[mode]["by_reference_length"] = {
+                b: {m: _spread([r[mode]["by_reference_length"][b][m] for r in reports]) for m in metrics}
+                for b in reports[0][mode]["by_reference_length"]}
         if "rollouts" in reports[0]:
             entry["teacher_fraction"] = _spread([r["rollouts"]["teacher_fraction"] for r in reports])
-        result[method] = entry
-    return result
-
-
-def _methods(per_seed: dict[int, dict[str, dict]]) -> list[str]:
-    return [m for m in ("warm-up", *METHODS) if any(m in reports for reports in per_seed.values())]
+        for other in (REFERENCE, "warm-up"):
+            if other in runs and other != method and method != "teacher":
+                entry[f"vs_{other}"] = compare(runs[other], reports)
+        out[method] = entry
+    return out
 
 
 def _spread(values: list[float]) -> dict:
@@ -113,37 +172,89 @@ def _spread(values: list[float]) -> dict:
             "values": values}
 
 
-def plot(per_seed: dict[int, dict[str, dict]], out_dir: Path) -> list[str]:
-    """ROUGE-L per method (error bars over seeds), by reference-length bucket, and the teacher
+def plot(results: Path, out_dir: Path) -> list[str]:
+    """Every metric per method by reference-length bucket (std over seeds), and the teacher
     fraction by position of the SWITCH runs."""
-    from switchkd.cluster.plots import plot_rouge_by_bucket, plot_rouge_by_method, plot_teacher_fraction
+    from switchkd.cluster.plots import plot_by_bucket, plot_teacher_fraction
 
-    methods = _methods(per_seed)
-    reports = {m: [per_seed[s][m] for s in per_seed if m in per_seed[s]] for m in methods}
-    paths = [plot_rouge_by_method(reports, out_dir / "quality_rouge_l_by_method.png"),
-             plot_rouge_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png")]
-    switch = {m: [r["rollouts"] for r in reports[m]] for m in methods if m.startswith("switch")}
+    reports: dict[str, list[dict]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        r = load_run(results, path.stem)
+        if r is not None:
+            reports.setdefault(r.get("method", r["run"]), []).append(r)
+    order = [m for m in ("teacher", "warm-up", *METHODS) if m in reports]
+    reports = {m: reports[m] for m in order}
+    students = {m: v for m, v in reports.items() if m != "teacher"}
+    paths = [plot_by_bucket(reports, out_dir / "quality_rouge_l_by_bucket.png"),
+             plot_by_bucket(students, out_dir / "quality_fidelity_by_bucket.png", metric="fidelity"),
+             plot_by_bucket(students, out_dir / "quality_reverse_kl_by_bucket.png", mode="sampled",
+                            metric="reverse_kl"),
+             plot_by_bucket(students, out_dir / "quality_teacher_nll_by_bucket.png", mode="sampled",
+                            metric="teacher_nll")]
+    switch = {m: [r["rollouts"] for r in reports[m]] for m in reports if m.startswith("switch")}
     if switch:
         paths.append(plot_teacher_fraction(switch, out_dir / "quality_teacher_fraction_by_position.png"))
     return [str(p) for p in paths]
 
 
+TABLE_METRICS = (("greedy", "rougeL"), ("greedy", "fidelity"), ("sampled", "reverse_kl"), ("sampled", "teacher_nll"))
+
+
+def table(result: dict) -> str:
+    """Markdown: every metric's mean +- std over seeds per method, its difference to SWITCH with the
+    paired 95% CI, and greedy ROUGE-L in the longest bucket."""
+    head = ["method", "seeds", "min/run"] + [f"{mode} {metric}" for mode, metric in TABLE_METRICS] + [
+        "longest bucket ROUGE-L", "EOS (greedy)", "teacher fraction"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, e in result["methods"].items():
+        cells = [method, str(len(e["seeds"])),
+                 f"{e['wall_minutes']['mean']:.0f}" if "wall_minutes" in e else "-"]
+        for mode, metric in TABLE_METRICS:
+            s = e.get(mode, {}).get(metric)
+            if s is None:
+                cells.append("-")
+                continue
+            cell = f"{s['mean']:.3f} ± {s['std']:.3f}" if len(e["seeds"]) > 1 else f"{s['mean']:.3f}"
+            ci = e.get(f"vs_{REFERENCE}", {}).get(mode, {}).get(metric, {}).get("all")
+            if ci:
+                mark = "*" if ci["lo"] > 0 or ci["hi"] < 0 else ""
+                cell += f" ({ci['diff']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}]{mark})"
+            cells.append(cell)
+        buckets = e["greedy"]["by_reference_length"]
+        longest = list(buckets)[-1]
+        cells += [f"[{longest}] {buckets[longest]['rougeL']['mean']:.2f}", f"{e['greedy']['eos_rate']['mean']:.2f}",
+                  f"{e['teacher_fraction']['mean']:.3f}" if "teacher_fraction" in e else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_seeds(items: list[str]) -> dict[str, int]:
+    seeds = dict(DEFAULT_SEEDS)
+    for item in items:
+        method, _, n = item.partition("=")
+        if method not in METHODS or not n.isdigit():
+            raise SystemExit(f"--seeds {item}: expected METHOD=N with METHOD one of {', '.join(METHODS)}")
+        seeds[method] = int(n)
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random pair, 2 steps, 1 seed (machinery check)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12, help="training steps of every method")
+    parser.add_argument("--steps", type=int, default=100, help="training steps of every method (8 prompts each)")
+    parser.add_argument("--seeds", nargs="*", default=[], metavar="METHOD=N",
+                        help=f"seeds per method (default: {' '.join(f'{m}={n}' for m, n in DEFAULT_SEEDS.items())})")
     parser.add_argument("--warmup-steps", type=int, default=60)
     parser.add_argument("--warmup-from", default=None, help="an existing warmed-up student export (skips the warm-up)")
-    parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--method-seeds", nargs="*", default=[], metavar="METHOD=N",
-                        help="run METHOD on the first N seeds only (e.g. skd=1: its rollouts are slow here)")
-    parser.add_argument("--aggregate-only", action="store_true",
-                        help="train nothing: summarise the complete evaluations already under --out")
-    parser.add_argument("--out", default="runs/quality", help="run directories (complete stages are reused)")
-    parser.add_argument("--json", default=None, help="default: benchmarks/results/quality.json (quick: not written)")
+    parser.add_argument("--eval-prompts", type=int, default=None,
+                        help="a seeded sample of the test split (default: all of it)")
+    parser.add_argument("--aggregate-only", action="store_true", help="train nothing: summarise the saved runs")
+    parser.add_argument("--commit", action="store_true", help="git-commit each run's result files as it lands")
+    parser.add_argument("--out", default="runs/quality", help="run directories (checkpoints, exports)")
+    parser.add_argument("--results", default="benchmarks/results/quality",
+                        help="per-run result files; the aggregate goes next to this folder")
     args = parser.parse_args()
+    args.seeds = parse_seeds(args.seeds)
     base: list[str] = []
     if args.quick:
         from switchkd.rollout.tiny_models import build_tiny_models
@@ -151,43 +262,16 @@ def main() -> None:
         tiny = build_tiny_models(Path(args.out) / "tiny-models", seed=0)
         base = [f"model.teacher={tiny['teacher']}", f"model.student={tiny['student']}", "model.dtype=float32",
                 "rollout.max_new_tokens=16", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
-        args.seeds, args.steps, args.warmup_steps, args.eval_prompts = 1, 2, 2, 8
-    for item in args.method_seeds:
-        if item.count("=") != 1 or item.split("=")[0] not in METHODS or not item.split("=")[1].isdigit():
-            parser.error(f"--method-seeds {item}: expected METHOD=N with METHOD one of {', '.join(METHODS)}")
-    start, student = time.perf_counter(), args.warmup_from
+        args.seeds, args.steps, args.warmup_steps, args.eval_prompts = {m: 1 for m in METHODS}, 2, 2, 8
+    results = Path(args.results)
     if not args.aggregate_only:
-        from switchkd.cluster.pipeline import prepare_defaults
-
-        prepare_defaults()
-        student = warm_up(args, base)
-        for seed in range(args.seeds):
-            run_seed(seed, student, [m for m in args.methods if seed < seeds_of(m, args)], args, base)
-    per_seed = load_reports(Path(args.out))
-    json_path = Path(args.json or ("benchmarks/results/quality.json" if not args.quick else Path(args.out) / "quality.json"))
-    result = {"benchmark": "quality", "machine": machine_info(), "wall_seconds": time.perf_counter() - start,
-              "config": {"seeds": args.seeds, "steps": args.steps, "warmup_steps": args.warmup_steps,
-                         "warmup_from": student,
-                         "eval_prompts": args.eval_prompts, "methods": args.methods, "quick": args.quick,
-                         "method_seeds": args.method_seeds, "overrides": base},
-              "methods": aggregate(per_seed), "plots": plot(per_seed, json_path.parent / "plots")}
-    write_json(result, str(json_path))
+        run_study(args, base)
+    result = {"benchmark": "quality", "machine": machine_info(), "reference": REFERENCE,
+              "config": {"steps": args.steps, "seeds": args.seeds, "warmup_from": args.warmup_from,
+                         "eval_seed": EVAL_SEED, "eval_prompts": args.eval_prompts, "overrides": base},
+              "methods": aggregate(results), "plots": plot(results, results.parent / "plots")}
+    write_json(result, str(results.parent / f"{results.name}.json"), quiet=True)
     print(table(result))
-
-
-def table(result: dict) -> str:
-    """Markdown table: ROUGE-L mean +- std over seeds per method, longest bucket, teacher fraction."""
-    lines = ["| method | seeds | ROUGE-L greedy | ROUGE-L sampled | longest bucket (greedy) | teacher fraction |",
-             "|---|---|---|---|---|---|"]
-    for method, entry in result["methods"].items():
-        greedy, sampled = entry["greedy"], entry.get("sampled")
-        bucket, longest = list(greedy["rougeL_by_reference_length"].items())[-1]
-        cells = [str(len(entry["seeds"])), f"{greedy['rougeL']['mean']:.2f} ± {greedy['rougeL']['std']:.2f}",
-                 f"{sampled['rougeL']['mean']:.2f} ± {sampled['rougeL']['std']:.2f}" if sampled else "-",
-                 f"[{bucket}] {longest['mean']:.2f} ± {longest['std']:.2f}",
-                 f"{entry['teacher_fraction']['mean']:.3f}" if "teacher_fraction" in entry else "-"]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -94,11 +94,22 @@ def _cmd_data_prepare(args) -> None:
 def _cmd_eval(args) -> None:
     import dataclasses
 
-    from switchkd.rollout.evaluate import report_lines, rollout_teacher_fraction, run_eval, write_report
+    from switchkd.rollout.evaluate import (load_report, report_lines, rollout_teacher_fraction, run_eval,
+                                           teacher_answers_of, write_report)
 
+    if args.compare:
+        from switchkd.rollout.eval_stats import compare, compare_lines
+
+        a, b = (load_report(path) for path in args.compare)
+        print("\n".join(compare_lines(compare([a], [b]), *args.compare)))
+        return
+    if not args.config or not args.model:
+        raise ConfigError("switchkd eval: --config and --model are required (or --compare A.json B.json)")
     cfg = load_config(args.config, args.overrides)
     rollouts = rollout_teacher_fraction(args.rollouts) if args.rollouts else None   # bad files fail before vLLM starts
-    report = run_eval(cfg.model, dataclasses.replace(cfg.data, split=args.split), cfg.rollout, args.model)
+    answers = teacher_answers_of(load_report(args.teacher_report)) if args.teacher_report else None
+    report = run_eval(cfg.model, dataclasses.replace(cfg.data, split=args.split), cfg.rollout, args.model,
+                      max_prompts=args.max_prompts, teacher_answers=answers)
     if rollouts:
         report["rollouts"] = rollouts
     if args.out:
@@ -166,13 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/default.jsonl", help="output JSONL (default: data/default.jsonl)")
     p.set_defaults(func=_cmd_data_prepare)
 
-    p = sub.add_parser("eval", help="ROUGE-L of a model's responses (vLLM) against reference responses")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    p.add_argument("--model", required=True, help="HF model directory to evaluate (e.g. an exported student)")
+    p = sub.add_parser("eval", help="score a model's responses (vLLM) against references and by the teacher; "
+                                    "or compare two reports")
+    p.add_argument("--config", help="YAML config, e.g. configs/tiny.yaml (its model.teacher scores the answers)")
+    p.add_argument("--model", help="HF model directory to evaluate (e.g. an exported student)")
     p.add_argument("--split", default="test", choices=SPLITS, help="data split to evaluate on (default: test)")
+    p.add_argument("--max-prompts", type=_positive, default=None,
+                   help="evaluate a sample of this many prompts, seeded by data.split_seed (default: the whole split)")
+    p.add_argument("--teacher-report", default=None,
+                   help="an eval report of the same prompts whose teacher answers to reuse (skips generating them)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--rollouts", action="append", default=[],
                    help="SWITCH rollout Parquet: also report its teacher-token fraction by position (repeatable)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="print B - A per metric with paired bootstrap 95%% CIs over the prompts both evaluated")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.set_defaults(func=_cmd_eval)
 

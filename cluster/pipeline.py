@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from switchkd.cluster.config import ConfigError, load_config
+from switchkd.rollout.eval_stats import METRICS, compare
 from switchkd.rollout.evaluate import write_report
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,17 @@ def train_stage(config: str, overrides: list[str], out_dir: Path, progress: bool
     return result
 
 
-def eval_stage(config: str, overrides: list[str], model_dir: str, out_json: Path, rollouts: list[str] = ()) -> dict:
-    """ROUGE-L of ``model_dir`` on the config's data split (skipped when OUT_JSON exists)."""
+def eval_stage(config: str, overrides: list[str], model_dir: str, out_json: Path, rollouts: list[str] = (),
+               max_prompts: int | None = None, teacher_report: dict | None = None) -> dict:
+    """`switchkd eval` of ``model_dir`` on the config's data split (skipped when OUT_JSON exists);
+    ``teacher_report``, an eval of the same prompts, lends its teacher answers."""
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval
+    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval, teacher_answers_of
 
     cfg = load_config(config, overrides)
-    report = run_eval(cfg.model, cfg.data, cfg.rollout, model_dir)
+    report = run_eval(cfg.model, cfg.data, cfg.rollout, model_dir, max_prompts=max_prompts,
+                      teacher_answers=teacher_answers_of(teacher_report) if teacher_report else None)
     if rollouts:
         report["rollouts"] = rollout_teacher_fraction(list(rollouts))
     write_report(report, out_json)
@@ -92,7 +96,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     """Run every stage into ``out``; returns the summary (also written to OUT/summary.json).
     ``overrides`` apply to every stage (e.g. other models or data); ``prepare`` builds the default
     models and data first; ``sft_ratio`` is the distillation stage's trainer.sft_ratio (0 = pure SWITCH)."""
-    from switchkd.cluster.plots import plot_loss, plot_rouge_by_bucket, plot_teacher_fraction
+    from switchkd.cluster.plots import plot_by_bucket, plot_loss, plot_teacher_fraction
 
     out, distil_config, overrides = Path(out), distil_config or DISTIL_CONFIG, list(overrides)
     teacher = load_config(distil_config, overrides).model.teacher   # a bad config fails before any training
@@ -103,24 +107,31 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     distil = train_stage(distil_config, [*overrides, *training_overrides(distil_steps, seed, out / "distil",
                                                                          warm["export"]),
                                          f"trainer.sft_ratio={sft_ratio}"], out / "distil", progress)
-    eval_overrides = [*overrides, "data.split=test", f"data.max_prompts={eval_prompts}", f"rollout.seed={seed}"]
+    eval_overrides = [*overrides, "data.split=test", f"rollout.seed={seed}"]
     rollouts = saved_rollouts(out / "distil")
     models = {"teacher": teacher, "student before (warm-up)": warm["export"],
               "student after (SWITCH)": distil["export"]}
-    reports = {name: eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
-                                rollouts if "after" in name else ())
-               for name, path in models.items()}
+    reports: dict[str, dict] = {}
+    for name, path in models.items():
+        reports[name] = eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
+                                   rollouts if "after" in name else (), eval_prompts, reports.get("teacher"))
     plots = out / "plots"
     plot_loss({"warm-up (SFT)": out / "warmup" / "metrics.jsonl", "SWITCH": out / "distil" / "metrics.jsonl"},
               plots / "loss.png")
     plot_teacher_fraction({"SWITCH rollouts": reports["student after (SWITCH)"]["rollouts"]},
                           plots / "teacher_fraction_by_position.png")
-    plot_rouge_by_bucket(reports, plots / "rouge_l_before_after.png")
+    students = {k: v for k, v in reports.items() if k != "teacher"}
+    plot_by_bucket(reports, plots / "rouge_l_before_after.png")
+    plot_by_bucket(students, plots / "reverse_kl_before_after.png", mode="sampled", metric="reverse_kl")
+    before, after = reports["student before (warm-up)"], reports["student after (SWITCH)"]
     summary = {"out": str(out), "seed": seed, "warmup_steps": warmup_steps, "distil_steps": distil_steps,
-               "distil_config": distil_config, "sft_ratio": sft_ratio, "eval_prompts": eval_prompts,
-               "teacher_fraction": reports["student after (SWITCH)"]["rollouts"]["teacher_fraction"],
-               "rouge_l": {name: {mode: r[mode]["rougeL"] for mode in ("greedy", "sampled") if mode in r}
-                           for name, r in reports.items()},
+               "distil_config": distil_config, "sft_ratio": sft_ratio, "eval_prompts": after["prompts"],
+               "teacher_fraction": after["rollouts"]["teacher_fraction"],
+               "scores": {name: {mode: {m: r[mode][m] for m in METRICS if m in r[mode]}
+                                 for mode in ("greedy", "sampled") if mode in r} for name, r in reports.items()},
+               "eos_rate": {name: {mode: r[mode]["finish_reasons"].get("stop", 0) / r["prompts"]
+                                   for mode in ("greedy", "sampled") if mode in r} for name, r in reports.items()},
+               "after_vs_before": compare([before], [after], by_bucket=False),
                "plots": sorted(str(p) for p in plots.glob("*.png"))}
     write_report(summary, out / "summary.json")
     return summary
@@ -132,10 +143,21 @@ def saved_rollouts(run_dir: Path) -> list[str]:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    """The ROUGE-L table of a pipeline summary."""
-    lines = [f"{'model':<28} {'ROUGE-L greedy':>15} {'ROUGE-L sampled':>16}"]
-    for name, scores in summary["rouge_l"].items():
-        lines.append(f"{name:<28} {scores.get('greedy', float('nan')):>15.2f} {scores.get('sampled', float('nan')):>16.2f}")
+    """The table of a pipeline summary: every metric for teacher / before / after, and the paired
+    95% CI of after - before."""
+    names = list(summary["scores"])
+    lines = [f"{'mode':<8} {'metric':<36} " + " ".join(f"{n[:24]:>24}" for n in names) + "  after - before [95% CI]"]
+    for mode, metrics in summary["after_vs_before"].items():
+        for metric, entry in metrics.items():
+            label, higher = METRICS[metric]
+            e = entry["all"]
+            mark = " *" if e["lo"] > 0 or e["hi"] < 0 else ""
+            values = " ".join(f"{summary['scores'][n][mode].get(metric, float('nan')):>24.3f}" for n in names)
+            lines.append(f"{mode:<8} {label:<36} {values}  {e['diff']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]{mark}")
+        eos = " ".join(f"{summary['eos_rate'][n][mode]:>24.2f}" for n in names)
+        lines.append(f"{mode:<8} {'answers ending with EOS':<36} {eos}")
+    lines.append(f"{summary['eval_prompts']} test prompts; * = the CI excludes 0 "
+                 f"(higher is better for ROUGE-L and fidelity, lower for the teacher NLL and reverse KL)")
     lines.append(f"teacher-token fraction of the SWITCH rollouts: {summary['teacher_fraction']:.3f}")
     lines.append("plots: " + ", ".join(summary["plots"]))
     return lines

@@ -37,26 +37,31 @@ def plot_teacher_fraction(by_label: dict[str, dict], out: Path) -> Path:
     return _save(fig, ax, out)
 
 
-def plot_rouge_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode: str = "greedy") -> Path:
-    """Grouped bars: ROUGE-L per reference-length bucket (and overall) for each label's eval
+def plot_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode: str = "greedy",
+                   metric: str = "rougeL") -> Path:
+    """Grouped bars: ``metric`` per reference-length bucket (and overall) for each label's eval
     report(s); several reports per label (seeds) give mean and standard-deviation error bars."""
+    from switchkd.rollout.eval_stats import METRICS
     from switchkd.rollout.evaluate import bucket_labels
 
     labels = list(reports)
     present = {b for runs in reports.values() for r in (runs if isinstance(runs, list) else [runs])
-               for b in r[mode]["rougeL_by_reference_length"]}
+               for b in r[mode]["by_reference_length"]}
     buckets = ["all", *(b for b in bucket_labels() if b in present)]
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(min(14, max(6, 0.25 * len(buckets) * len(labels))), 3.8))
     for i, label in enumerate(labels):
         runs = reports[label] if isinstance(reports[label], list) else [reports[label]]
-        values = [[r[mode]["rougeL"], *(r[mode]["rougeL_by_reference_length"].get(b, {}).get("rougeL", float("nan"))
-                                         for b in buckets[1:])] for r in runs]
+        values = [[r[mode].get(metric, float("nan")),
+                   *(r[mode]["by_reference_length"].get(b, {}).get(metric, float("nan")) for b in buckets[1:])]
+                  for r in runs]
         mean, err = _mean_err(values)
         ax.bar([x + i * width for x in range(len(buckets))], mean, width, yerr=err if len(runs) > 1 else None,
                capsize=2, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(buckets))], buckets)
-    ax.set(xlabel="reference length (tokens)", ylabel=f"ROUGE-L ({mode})", title="ROUGE-L on the test split")
+    label, higher = METRICS[metric]
+    ax.set(xlabel="reference length (tokens)", ylabel=f"{label} ({mode})",
+           title=f"{label}, {mode}, test split ({'higher' if higher else 'lower'} is better)")
     return _save(fig, ax, out)
 
 

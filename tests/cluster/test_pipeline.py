@@ -35,16 +35,25 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
     assert f"model.student={warm['export']}" in distil["overrides"]       # distillation starts from the warm-up
     assert f"trainer.sft_ratio={DISTIL_SFT_RATIO}" in distil["overrides"] and summary["sft_ratio"] == DISTIL_SFT_RATIO
     assert json.loads((out / "distil" / "metrics.jsonl").read_text().splitlines()[-1])["sft_loss"] is not None
-    assert set(summary["rouge_l"]) == {"teacher", "student before (warm-up)", "student after (SWITCH)"}
-    for scores in summary["rouge_l"].values():
-        assert set(scores) == {"greedy", "sampled"} and all(0 <= v <= 100 for v in scores.values())
+    assert set(summary["scores"]) == {"teacher", "student before (warm-up)", "student after (SWITCH)"}
+    for scores in summary["scores"].values():
+        assert set(scores["greedy"]) == {"rougeL", "fidelity", "teacher_nll"}
+        assert set(scores["sampled"]) == {"rougeL", "fidelity", "teacher_nll", "reverse_kl"} - {"fidelity"}
+        assert all(0 <= scores[mode]["rougeL"] <= 100 for mode in scores)
+    assert summary["eval_prompts"] == 6
+    ci = summary["after_vs_before"]["greedy"]["rougeL"]["all"]
+    assert ci["n"] == 6 and ci["lo"] <= ci["diff"] <= ci["hi"]
+    assert ci["diff"] == summary["scores"]["student after (SWITCH)"]["greedy"]["rougeL"] - \
+        summary["scores"]["student before (warm-up)"]["greedy"]["rougeL"]
     assert 0 <= summary["teacher_fraction"] <= 1
     rollouts = json.loads((out / "eval" / "student_after__SWITCH.json").read_text())["rollouts"]
     assert rollouts["sequences"] == 2 * 4                                 # every distillation rollout counted
     assert sorted(Path(p).name for p in summary["plots"]) == [
-        "loss.png", "rouge_l_before_after.png", "teacher_fraction_by_position.png"]
+        "loss.png", "reverse_kl_before_after.png", "rouge_l_before_after.png", "teacher_fraction_by_position.png"]
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
-    assert any(line.startswith("student after (SWITCH)") for line in summary_lines(summary))
+    lines = summary_lines(summary)
+    assert any(line.startswith("greedy   ROUGE-L vs reference") and "[" in line for line in lines)
+    assert any("answers ending with EOS" in line for line in lines)
 
     metrics = (out / "distil" / "metrics.jsonl").read_text()
     again = run_pipeline(out, warmup_steps=2, distil_steps=2, eval_prompts=6, overrides=tiny_overrides,
@@ -79,5 +88,5 @@ def test_make_run_pipeline_on_the_default_real_pair(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["rouge_l"]["teacher"]["greedy"] > 0      # the real teacher answers in words of the references
-    assert "student after (SWITCH)" in res.stdout and len(summary["plots"]) == 3
+    assert summary["scores"]["teacher"]["greedy"]["rougeL"] > 0   # the real teacher answers in words of the references
+    assert "student after (SWITCH)" in res.stdout and len(summary["plots"]) == 4

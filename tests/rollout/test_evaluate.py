@@ -65,7 +65,7 @@ def test_eval_report_and_self_reference_scores_100(tiny_models, tmp_path):
         assert 0.0 <= summary["rougeL"] <= 100.0
         assert 0 < summary["mean_response_tokens"] <= MAX_NEW
         assert sum(summary["finish_reasons"].values()) == 5
-        buckets = summary["rougeL_by_reference_length"]
+        buckets = summary["by_reference_length"]
         assert {k: v["prompts"] for k, v in buckets.items()} == {"0-15": 4, "16-31": 1}
         scores = [row[mode]["rougeL"] for row in report["rows"]]
         assert summary["rougeL"] == pytest.approx(sum(scores) / 5)
@@ -87,6 +87,48 @@ def test_eval_report_and_self_reference_scores_100(tiny_models, tmp_path):
     assert again["greedy"]["rougeL"] == pytest.approx(100.0)
     assert "sampled" not in again
     assert [row["greedy"]["response"] for row in again["rows"]] == [row["response"] for row in own]
+
+
+def hf_logprobs(model_dir, prompt_ids, response_ids):
+    """log p(response token | prefix) under the HF model at ``model_dir`` (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1:-1].double(), -1)
+    return logp[torch.arange(len(response_ids)), torch.tensor(response_ids)].tolist()
+
+
+def test_eval_teacher_metrics_match_hf_forwards(tiny_models, tmp_path):
+    cfg = tiny_config(tiny_models, "rollout.temperature=1.0")
+    report = evaluate(cfg, write_jsonl(tmp_path / "p.jsonl", PROMPTS))
+    from switchkd.rollout.data import load_examples
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])
+    data = dataclasses.replace(cfg.data, prompts=str(tmp_path / "p.jsonl"), split="all")
+    prompt_ids = {e.prompt.index: e.prompt.token_ids for e in load_examples(data, tokenizer, cfg.rollout.seed)[0]}
+    for row in report["rows"]:
+        for mode in ("greedy", "sampled"):
+            ids = row[mode]["token_ids"]
+            teacher = hf_logprobs(tiny_models["teacher"], prompt_ids[row["index"]], ids)
+            assert row[mode]["teacher_nll"] == pytest.approx(-sum(teacher) / len(ids), abs=2e-3)
+        ids = row["sampled"]["token_ids"]
+        student = hf_logprobs(tiny_models["student"], prompt_ids[row["index"]], ids)
+        teacher = hf_logprobs(tiny_models["teacher"], prompt_ids[row["index"]], ids)
+        expected = sum(s - t for s, t in zip(student, teacher)) / len(ids)
+        assert row["sampled"]["reverse_kl"] == pytest.approx(expected, abs=2e-3)
+        assert 0.0 <= row["greedy"]["fidelity"] <= 100.0
+    assert "reverse_kl" not in report["greedy"] and report["sampled"]["reverse_kl"] > 0.01
+
+    # The teacher evaluated against itself: its greedy answers are the teacher answers, and its
+    # own samples have a reverse KL of 0 (up to decode vs prefill rounding).
+    own = evaluate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student=tiny_models["teacher"])),
+                   tmp_path / "p.jsonl")
+    assert own["greedy"]["fidelity"] == pytest.approx(100.0)
+    assert own["sampled"]["reverse_kl"] == pytest.approx(0.0, abs=1e-3)
 
 
 def _rollout_row(index, owners):
@@ -111,14 +153,35 @@ def test_eval_cli_end_to_end(tiny_models, tmp_path):
     rollouts = tmp_path / "r.parquet"
     schema.write_parquet(schema.to_table([_rollout_row(0, [1, 0, 1, 1])]), rollouts)
     out = tmp_path / "eval" / "eval.json"
-    res = run_cli("eval", "--config", "configs/tiny.yaml", "--model", tiny_models["student"], "--split", "all",
-                  "--out", out, "--rollouts", rollouts, f"data.prompts={prompts}", "rollout.max_new_tokens=8")
+    common = ["--split", "all", f"data.prompts={prompts}", "rollout.max_new_tokens=8",
+              f"model.teacher={tiny_models['teacher']}"]
+    res = run_cli("eval", "--config", "configs/tiny.yaml", "--model", tiny_models["student"], "--out", out,
+                  "--rollouts", rollouts, "--max-prompts", 4, *common)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert report["prompts"] == 5 and {"greedy", "sampled", "rows", "rollouts"} <= set(report)
+    assert report["prompts"] == 4 and {"greedy", "sampled", "rows", "rollouts"} <= set(report)
+    assert report["sample"] == {"max_prompts": 4, "seed": 0}
     assert report["rollouts"]["teacher_fraction"] == pytest.approx(0.75)
-    assert "greedy (T=0): ROUGE-L" in res.stdout and "rollouts: teacher-token fraction 0.750" in res.stdout
+    for text in ("ROUGE-L vs reference (higher is better)", "teacher NLL per token (lower is better)",
+                 "reverse KL estimate per token", "ROUGE-L vs teacher's greedy answer", "end with EOS",
+                 "rollouts: teacher-token fraction 0.750"):
+        assert text in res.stdout
     assert not list(out.parent.glob(".*tmp"))
+
+    # The teacher on the same prompts, its answers reused; then the two reports compared.
+    teacher_out = tmp_path / "eval" / "teacher.json"
+    res = run_cli("eval", "--config", "configs/tiny.yaml", "--model", tiny_models["teacher"], "--out", teacher_out,
+                  "--teacher-report", out, "--max-prompts", 4, *common)
+    assert res.returncode == 0, res.stderr
+    teacher = json.loads(teacher_out.read_text())
+    assert [r["teacher_answer"] for r in teacher["rows"]] == [r["teacher_answer"] for r in report["rows"]]
+    assert teacher["greedy"]["fidelity"] == pytest.approx(100.0)
+    res = run_cli("eval", "--compare", out, teacher_out)
+    assert res.returncode == 0, res.stderr
+    fidelity = next(line for line in res.stdout.splitlines() if "vs teacher's greedy answer" in line and " all " in line)
+    assert f"{report['greedy']['fidelity']:.3f}" in fidelity and "100.000" in fidelity
+    res = run_cli("eval", "--compare", out, tmp_path / "missing.json")
+    assert res.returncode == 2 and "missing.json: no such eval report" in res.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -129,7 +192,8 @@ def test_eval_cli_end_to_end(tiny_models, tmp_path):
 ])
 def test_eval_cli_user_errors_are_one_line(tiny_models, tmp_path, args, message):
     args = args if "--model" in args else ["--model", tiny_models["student"], *args]
-    res = run_cli("eval", "--config", "configs/tiny.yaml", "--out", tmp_path / "e.json", *args)
+    res = run_cli("eval", "--config", "configs/tiny.yaml", "--out", tmp_path / "e.json", *args,
+                  f"model.teacher={tiny_models['teacher']}")
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "e.json").exists()
 
@@ -137,7 +201,7 @@ def test_eval_cli_user_errors_are_one_line(tiny_models, tmp_path, args, message)
 def test_eval_without_references_is_a_one_line_error(tiny_models, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the man said yes"}])
     res = run_cli("eval", "--config", "configs/tiny.yaml", "--model", tiny_models["student"], "--split", "all",
-                  f"data.prompts={prompts}")
+                  f"data.prompts={prompts}", f"model.teacher={tiny_models['teacher']}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "no usable prompts with a reference response in split all (skipped: {'no reference response': 1})" \
         in res.stderr
