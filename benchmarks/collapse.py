@@ -35,6 +35,7 @@ VARIANTS = {
     "jsd_0.5": ["trainer.loss=jsd", "trainer.jsd_beta=0.5"],       # GKD's generalized JSD
     "lr_1e-5": ["trainer.lr=1e-5"],                                # a smaller step
     "temperature_0.7": ["rollout.temperature=0.7"],                # the student samples less far out
+    "tau0_0.3": ["rollout.switch.tau0=0.3"],                       # the teacher takes over sooner
     "max_new_tokens_128": ["rollout.max_new_tokens=128"],          # fewer responses cut before EOS
 }
 __doc__ += "".join(f"    {name:<20} {' '.join(o) or '(the configs as shipped)'}\n" for name, o in VARIANTS.items())

@@ -81,22 +81,9 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read YAML at ``path`` (None = defaults), apply ``key.sub=value`` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
-        except RecursionError:
-            raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    """Read YAML at ``path`` (None = defaults; a ``base:`` key names a config, relative to the file,
+    that this one is laid over), apply ``key.sub=value`` overrides, validate."""
+    raw: dict = {} if path is None else read_yaml_with_base(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -109,6 +96,48 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"override {key.strip()}: value nested too deeply") from None
         _set_dotted(raw, key.strip(), parsed)
     return build(Config, raw, prefix="")
+
+
+def read_yaml_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping in ``path``, laid over the config its ``base:`` key names (recursively)."""
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: base must be a config file path, got {_short(base)}")
+    base_path = (path.parent / base).resolve()
+    seen = (*chain, path.resolve())
+    if base_path in seen:
+        loop = " -> ".join(str(p) for p in (*seen, base_path))
+        raise ConfigError(f"config file {path}: base configs form a cycle: {loop}")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base config {base} does not exist ({base_path})")
+    return _deep_merge(read_yaml_with_base(base_path, seen), raw)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg) -> dict:

@@ -74,3 +74,26 @@ def test_bad_files(tmp_path):
 def test_exponent_floats_without_a_dot_are_numbers():
     assert load_config(None, ["rollout.switch.tau0=3e-1"]).rollout.switch.tau0 == 0.3
     assert load_config(None, ["model.teacher=1e5"]).model.teacher == "1e5"  # a string field stays a string
+
+
+def test_base_configs_merge_and_fail_in_one_line(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("rollout:\n  temperature: 0.5\n  switch:\n    tau0: 0.2\n    decay: 0.1\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\nrollout:\n  switch:\n    tau0: 0.3\n")
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\ntrainer:\n  lr: 0.001\n")
+    cfg = load_config(tmp_path / "top.yaml", ["rollout.switch.decay=0.2"])
+    assert (cfg.rollout.temperature, cfg.rollout.switch.tau0, cfg.rollout.switch.decay, cfg.trainer.lr) == \
+        (0.5, 0.3, 0.2, 0.001)                         # nested keys merge; the nearer file and overrides win
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml: base config nowhere.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"base configs form a cycle: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be a config file path"):
+        load_config(tmp_path / "bad.yaml")
