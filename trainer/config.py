@@ -1,4 +1,4 @@
-"""Typed config section owned by the trainer (DESIGN.md 5).
+"""Typed config section owned by the trainer.
 
 Batch sizes count sequences (rollout rows). One optimizer step consumes ``batch_size`` rows,
 split over ``num_workers`` workers and ``micro_batch_size`` rows per forward pass, so the
