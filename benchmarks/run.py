@@ -23,7 +23,9 @@ CPU targets; a CPU `make bench` keeps the GPU result files it finds.
 then draws every plot it has data for into <results>/plots/ (from the JSON files present, so
 `--only` refreshes its own plots and keeps the others) and writes <results>/suite.json: the
 machine, each part's command, exit status and wall seconds, the headline figures and whether
-each target of the benchmark issue is met. --json also writes suite.json's content there.
+each target is met. --json also writes suite.json's content there. A full run into
+benchmarks/results (and --report-only) also rewrites the tables of BENCHMARKS.md and the headline
+table of README.md.
 
 --models: tiny = the tiny random pair everywhere; smollm2 = the SmolLM2-135M pair for the
 parts that take a pair (rollout, e2e); default = tiny everywhere plus SmolLM2 for the rollout.

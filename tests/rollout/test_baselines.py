@@ -1,4 +1,4 @@
-"""Baselines as configs on the SWITCH path (issue 8 part 5): the shipped configs differ only in the
+"""Baselines as configs on the SWITCH path: the shipped configs differ only in the
 method, the generator factory picks the right generator, the reference source skips prompts without
 a reference, and one `switchkd train` run on the tiny pair trains on reference responses end to end.
 Generator exactness (SKD, on-policy, SeqKD, reference scores) is in test_vllm_generator.py, the
