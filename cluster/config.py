@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class SyncConfig:
     """Weight sync from trainer rank 0 to the student engine (switchkd.rollout.weight_sync)."""
-    transport: str = choice("shm", TRANSPORTS)
+    transport: str = choice("shm", TRANSPORTS)    # shm: one node; collective: across nodes
     dir: Optional[str] = None                      # shm: root directory; None = a private dir on /dev/shm
     timeout_s: float = bounded(300.0, lo=0.0, lo_open=True)   # one sync; a dead peer fails, never hangs
     retries: int = bounded(2, lo=0)                # a failed sync is retried this many times
@@ -56,8 +56,8 @@ class ClusterConfig:
     address: Optional[str] = None                  # None: a private Ray on 127.0.0.1; "auto" / "ray://...": join one
     num_cpus: Optional[int] = bounded(None, lo=1)  # private Ray: logical CPUs (None: the cores, at least what the plan needs)
     num_gpus: Optional[int] = bounded(None, lo=0)  # private Ray: GPUs (None: detected)
-    placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)
-    placement_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)
+    placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)   # Ray placement group strategy
+    placement_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)   # wait for the resources, then fail
     engine_max_restarts: int = bounded(3, lo=0)     # an engine actor that dies is restarted this often
 
 

@@ -1,4 +1,4 @@
-"""`switchkd train`: the closed loop of DESIGN.md 2, on Ray actors placed by cluster.placement.
+"""`switchkd train`: the closed loop (docs/closed-loop.md), on Ray actors placed by cluster.placement.
 
     batch n, rolled out by the student engine at policy version v  ->  train step n (version n+1)
     ->  sync version n+1 into the student engine  ->  batch n+1 ...

@@ -1,5 +1,5 @@
 """Where each role runs: one Ray placement group for the teacher engine, the student engine and
-the trainer workers, built from the config's resources (DESIGN.md 7).
+the trainer workers, built from the config's resources.
 
     plan = plan_placement(cfg)          # pure: no Ray, used by --dry-run too
     print(plan.describe())

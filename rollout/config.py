@@ -26,9 +26,9 @@ def bounded(default, lo=None, hi=None, lo_open: bool = False):
 @dataclass(frozen=True)
 class ModelConfig:
     teacher: str = "models/tiny/teacher"      # HF model dir (safetensors)
-    student: str = "models/tiny/student"
-    dtype: str = choice("float32", ("float32", "bfloat16", "float16"))
-    trust_remote_code: bool = False
+    student: str = "models/tiny/student"      # HF model dir; the teacher's vocabulary (checked at start)
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16"))  # engines, HF models, synced weights
+    trust_remote_code: bool = False           # passed to transformers and vLLM
 
 
 SPLITS = ("train", "validation", "test", "all")
@@ -45,8 +45,8 @@ class DataConfig:
     chat_template: Union[str, bool] = choice("auto", ("auto", "on", "off", True, False))
     split: str = choice("train", SPLITS)               # which part of the data a command reads
     split_seed: int = 0                                # rows are assigned by a hash of (seed, prompt text)
-    validation_fraction: float = bounded(0.1, lo=0.0, hi=1.0)
-    test_fraction: float = bounded(0.1, lo=0.0, hi=1.0)
+    validation_fraction: float = bounded(0.1, lo=0.0, hi=1.0)   # share of rows in the validation split
+    test_fraction: float = bounded(0.1, lo=0.0, hi=1.0)         # share of rows in the test split (eval)
 
     def __post_init__(self):
         if isinstance(self.chat_template, bool):
@@ -60,7 +60,7 @@ class DataConfig:
 class SwitchConfig:
     tau0: float = bounded(0.4, lo=0.0)             # JSD lives in [0, ln 2]; tau0 >= ln 2 = never intervene
     decay: float = bounded(0.005, lo=0.0)          # lambda: per-token decay rate
-    schedule: str = choice("exp", SCHEDULES)
+    schedule: str = choice("exp", SCHEDULES)       # tau_t: tau0 e^(-decay t), tau0 max(0, 1 - decay t), tau0
     logprobs: str = choice("exact", ("exact", "topk"))  # decision on full distributions or top-k + tail
     topk: int = bounded(20, lo=1)                  # k per side when logprobs=topk
     # who owns each token: jsd = SWITCH (d > tau), student = on-policy/GKD, teacher = SeqKD,
@@ -73,40 +73,40 @@ class SwitchConfig:
 class ServerConfig:
     url: Optional[str] = None      # OpenAI-compatible vLLM server URL; "local" = switchkd starts one; None = in-process
     api_key: Optional[str] = None  # or $SWITCHKD_TEACHER_API_KEY; generated for a "local" server
-    timeout_s: float = bounded(60.0, lo=0.0, lo_open=True)
-    max_retries: int = bounded(5, lo=0)
+    timeout_s: float = bounded(60.0, lo=0.0, lo_open=True)   # one HTTP request
+    max_retries: int = bounded(5, lo=0)   # retries with exponential backoff, then a one-line error
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """One vLLM engine (teacher or student): resources and memory."""
     device: str = choice("cpu", ("cpu", "cuda"))
-    num_cpus: float = bounded(1.0, lo=0.0)
-    num_gpus: float = bounded(0.0, lo=0.0)
-    tensor_parallel_size: int = bounded(1, lo=1)
+    num_cpus: float = bounded(1.0, lo=0.0)         # Ray resources of the engine's actor
+    num_gpus: float = bounded(0.0, lo=0.0)         # Ray resources; cuda needs at least tensor_parallel_size
+    tensor_parallel_size: int = bounded(1, lo=1)   # cuda only
     threads: str = "auto"                          # VLLM_CPU_OMP_THREADS_BIND, e.g. "0" or "0-3"
-    kv_cache_space_gb: float = bounded(1.0, lo=0.0, lo_open=True)
-    gpu_memory_utilization: float = bounded(0.4, lo=0.0, hi=1.0, lo_open=True)
-    block_size: int = choice(32, (16, 32, 64, 128))
-    enforce_eager: bool = True
-    max_model_len: int = bounded(2048, lo=16)
+    kv_cache_space_gb: float = bounded(1.0, lo=0.0, lo_open=True)   # CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = bounded(0.4, lo=0.0, hi=1.0, lo_open=True)   # cuda: share of GPU memory
+    block_size: int = choice(32, (16, 32, 64, 128))   # KV block; 32 makes the prefix cache hit at short lengths
+    enforce_eager: bool = True                     # no graph capture / compilation: fast start-up
+    max_model_len: int = bounded(2048, lo=16)      # must hold data.max_prompt_tokens + rollout.max_new_tokens
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = choice("hf", ("hf", "vllm"))
-    mode: str = choice("lockstep", ("lockstep", "block", "stepwise"))
+    engine: str = choice("hf", ("hf", "vllm"))    # hf = the transformers reference generator
+    mode: str = choice("lockstep", ("lockstep", "block", "stepwise"))   # vllm only: docs/rollout.md
     # lockstep's teacher engine: in a child process, stepping at the same time as the student
     # (process), or in the student's process, one step after the other (inline)
     lockstep_teacher: str = choice("process", ("process", "inline"))
-    temperature: float = bounded(1.0, lo=0.0)
-    max_new_tokens: int = bounded(128, lo=1)
-    seed: int = 0
+    temperature: float = bounded(1.0, lo=0.0)      # 0 = greedy
+    max_new_tokens: int = bounded(128, lo=1)       # response length limit
+    seed: int = 0                                  # run seed; per-prompt seeds derive from it and the prompt index
     batch_size: int = bounded(32, lo=1)            # prompts advanced together
     teacher_topk: int = bounded(64, lo=1)          # teacher log-probs kept per token for the trainer
     draft_tokens: int = bounded(8, lo=1)           # initial k of block-speculative SWITCH
-    max_draft_tokens: int = bounded(64, lo=1)
+    max_draft_tokens: int = bounded(64, lo=1)      # maximum k of block-speculative SWITCH
     use_ray: bool = False                          # host engines in Ray actors (in-process otherwise)
     # generate = sampled rollouts (owners by rollout.switch.rule); reference = the data's reference
     # response scored by both models, no sampling (KD on ground truth, SFT)

@@ -1,6 +1,6 @@
 """The exact reference generator: teacher and student in transformers, lockstep, batched.
 
-This is the executable definition of SWITCH (DESIGN.md 4.1): at every response
+This is the executable definition of SWITCH: at every response
 position both models give their full next-token distribution, switch.OwnerRule decides
 the owner (SWITCH or a baseline rule) and draws the token from the owner's
 distribution, and both models consume it.

@@ -1,4 +1,4 @@
-"""The teacher engine behind a vLLM OpenAI-compatible server (DESIGN.md 4.3).
+"""The teacher engine behind a vLLM OpenAI-compatible server.
 
 ``ServerTeacher`` has the interface of ``VLLMEngine`` (``decode``, ``score``, ``vocab_size``,
 ``shutdown``) but talks HTTP to ``/v1/completions`` of a vLLM server: one request per

@@ -394,7 +394,7 @@ class VLLMEngine:
             plp = out.prompt_logprobs
             if not isinstance(plp, self._fastpath.FullVocabPromptLogprobs):
                 raise RuntimeError(f"fast log-prob path not active (got {type(plp).__name__})")
-            # Rows inside the cached prefix are never computed (ENVIRONMENT.md).
+            # vLLM never computes the rows inside the cached prefix: they hold garbage.
             hit = int(out.num_cached_tokens or 0)
             if cached is not None:
                 cached[i] = hit

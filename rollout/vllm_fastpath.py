@@ -1,7 +1,7 @@
 """The only module that touches vLLM internals: a fast full-vocab log-prob path and the
 SWITCH sampling logits processor. Written for vLLM 0.32.0 (checked at import).
 
-Why (ENVIRONMENT.md, "vLLM on the CPU"): a request with ``logprobs=-1`` /
+Why: a request with ``logprobs=-1`` /
 ``prompt_logprobs=-1`` makes stock vLLM (a) sort every full-vocab row in the worker
 (``InputBatch.add_request`` / ``GPUModelRunner._update_states`` turn -1 into V, so
 ``Sampler.gather_logprobs`` runs ``torch.topk(k=V)`` plus a rank count, for sampled tokens

@@ -5,7 +5,7 @@ each, stepping together; the token is decided inside vLLM's sampler. It is the f
 wherever both engines can share a process and device; block mode is for engines apart
 (separate actors or devices, a teacher behind a server).
 
-Block mode (DESIGN.md 4.2). Each sequence has a *drafter*, the model that owned its
+Block mode. Each sequence has a *drafter*, the model that owned its
 last token (the student at the start). Per sequence, one block is:
 
   1. the drafter decodes up to k tokens, returning its full distribution at each;

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-# In-process, eager vLLM engines with a small KV cache (ENVIRONMENT.md): ~2.5 s per engine.
+# In-process, eager vLLM engines with a small KV cache: ~2.5 s per engine.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,7 +7,7 @@ its reason while the good rows still load. Any other exception (a traceback for 
 input accepted silently fails the test, which lists every such case at once.
 
 Deterministic: every generator draws from random.Random(SEED + category). The counts per category
-are printed at the end of the module (the README's "Reliability" section quotes them).
+are printed at the end of the module (docs/reliability.md quotes them).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rollout rows -> training tensors, in one place (STYLE.md), after checks DeepSpeed never sees.
+"""Rollout rows -> training tensors, in one place, after checks DeepSpeed never sees.
 
 A row is prompt_ids + response_ids. Logits are shifted once here so that position t predicts
 input_ids[t + 1]; every per-token tensor below is aligned to those shifted positions.

@@ -1,4 +1,4 @@
-"""Typed config section owned by the trainer (DESIGN.md 5).
+"""Typed config section owned by the trainer.
 
 Batch sizes count sequences (rollout rows). One optimizer step consumes ``batch_size`` rows,
 split over ``num_workers`` workers and ``micro_batch_size`` rows per forward pass, so the
@@ -21,19 +21,19 @@ class TrainerConfig:
     num_workers: int = bounded(1, lo=1)            # 1 = in-process, no Ray; >1 = Ray actors
     device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto = cuda when available
     cpus_per_worker: float = bounded(1.0, lo=0.0)   # Ray actors: CPUs reserved and torch threads each
-    zero_stage: int = choice(1, (0, 1, 2, 3))
+    zero_stage: int = choice(1, (0, 1, 2, 3))      # DeepSpeed ZeRO stage
     batch_size: int = bounded(8, lo=1)             # rows per optimizer step, all workers together
     micro_batch_size: int = bounded(4, lo=1)       # rows per forward pass per worker
     precision: str = choice("auto", ("auto", "fp32", "bf16"))  # auto = bf16 on a GPU that has it
-    lr: float = bounded(1e-5, lo=0.0, lo_open=True)
+    lr: float = bounded(1e-5, lo=0.0, lo_open=True)   # peak learning rate (AdamW)
     weight_decay: float = bounded(0.0, lo=0.0)
-    lr_schedule: str = choice("constant", LR_SCHEDULES)
+    lr_schedule: str = choice("constant", LR_SCHEDULES)   # after the warm-up
     warmup_steps: int = bounded(0, lo=0)           # linear ramp to lr over the first steps
     grad_clip: float = bounded(1.0, lo=0.0)        # max global grad norm; 0 disables
     max_steps: Optional[int] = bounded(None, lo=1)  # None = epochs over the rollout file
-    epochs: int = bounded(1, lo=1)
+    epochs: int = bounded(1, lo=1)                 # passes over the data when max_steps is None
     seed: int = 0                                  # data order and torch RNG
-    loss: str = choice(DEFAULT_LOSS, tuple(LOSSES))
+    loss: str = choice(DEFAULT_LOSS, tuple(LOSSES))  # the divergence per response token (docs/method.md)
     jsd_beta: float = bounded(0.5, lo=0.0, hi=1.0)          # loss=jsd
     skew_alpha: float = bounded(0.1, lo=0.0, hi=1.0)        # loss=skew_kl / skew_reverse_kl, < 1
     student_token_weight: float = bounded(1.0, lo=0.0)      # loss weight of student-owned tokens
@@ -42,7 +42,7 @@ class TrainerConfig:
     teacher_source: str = choice("batch", ("batch", "model"))  # batch top-k, or teacher forward
     save_every: int = bounded(0, lo=0)             # steps between checkpoints; 0 = only at the end
     keep_last: int = bounded(2, lo=1)              # complete checkpoints kept
-    tensorboard: bool = True
+    tensorboard: bool = True                       # also write the metrics to OUTPUT_DIR/tensorboard/
     deepspeed_config: Optional[str] = None         # user DeepSpeed JSON, merged over the generated one
     dist_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)  # collectives fail instead of hanging
 

@@ -1,5 +1,5 @@
-"""`ray job submit` of the tiny closed loop to a local Ray head bound to 127.0.0.1 (ENVIRONMENT.md:
-Ray 2.60 needs RAY_AUTH_MODE=disabled for an unauthenticated local test cluster)."""
+"""`ray job submit` of the tiny closed loop to a local Ray head bound to 127.0.0.1 (Ray
+2.60 needs RAY_AUTH_MODE=disabled for an unauthenticated local test cluster)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """VLLMEngine and the vLLM fast path on the tiny models: values against stock vLLM and HF
 float32, prefix-cache scoring, SWITCH sampling reproducibility, and the vLLM version guard.
 
-One in-process eager engine per model for the whole module (ENVIRONMENT.md)."""
+One in-process eager engine per model for the whole module."""
 from __future__ import annotations
 
 import importlib
