@@ -31,7 +31,9 @@ A config is a YAML file (see `configs/`) with one mapping per section below; any
 overridden on the command line as `section.key=value` (values parsed as YAML scalars, `null`
 included), e.g. `switchkd train --config configs/tiny.yaml rollout.switch.tau0=0.3`. Unknown keys
 fail with the closest valid key suggested; wrong types, values outside "allowed" and impossible
-combinations fail with one line naming the key, before any model loads.
+combinations fail with one line naming the key, before any model loads. A top-level
+`base: other.yaml` (relative to the file) lays the file over another config, mappings merged key
+by key (`configs/baselines/` is one `base.yaml` and a few lines per method).
 """
 
 
