@@ -22,6 +22,8 @@ $(STAMP): $(REQS)
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "import torch, vllm, transformers, deepspeed, ray, pyarrow, switchkd.cluster.cli"
+# DeepSpeed's CPU shm collective, JIT-built once into .venv/torch_extensions (where switchkd looks)
+	$(PY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
 	touch $(STAMP)
 
 models/tiny/teacher/config.json: | $(STAMP)

@@ -83,7 +83,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="runs/collapse")
     parser.add_argument("--json", default="benchmarks/results/collapse.json")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --json and exit")
     args = parser.parse_args()
+    if args.table_only:
+        print(table(json.loads(Path(args.json).read_text())))
+        return
 
     from switchkd.cluster.config import load_config
     from switchkd.cluster.pipeline import eval_stage, saved_rollouts, train_stage, training_overrides
@@ -111,6 +115,31 @@ def main() -> None:
         write_json({"benchmark": "collapse", "machine": machine_info(), "steps": args.steps, "seed": args.seed,
                     "warmup_from": args.warmup_from, "teacher": scores(teacher), "warm-up": scores(warm),
                     "variants": results}, args.json, quiet=True)
+    print(table(json.loads(Path(args.json).read_text())))
+
+
+def table(result: dict) -> str:
+    """Markdown: per variant, the greedy and sampled metrics with the paired 95% CI against the
+    warm-up, the EOS rates, and how the rollouts drifted from the first to the last step."""
+    rows = [("teacher", result["teacher"], None, None), ("warm-up", result["warm-up"], None, None)]
+    rows += [(name, v["scores"], v["vs_warmup"], v["rollouts_by_step"]) for name, v in result["variants"].items()]
+    head = ["run", "greedy ROUGE-L", "greedy fidelity", "sampled teacher NLL", "sampled reverse KL", "EOS greedy / sampled",
+            "rollouts: teacher fraction, EOS, newline share (first -> last step)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, sc, ci, drift in rows:
+        cells = [name]
+        for mode, metric in (("greedy", "rougeL"), ("greedy", "fidelity"), ("sampled", "teacher_nll"),
+                             ("sampled", "reverse_kl")):
+            cell = f"{sc[mode][metric]:.2f}"
+            if ci:
+                e = ci[mode][metric]["all"]
+                cell += f" ({e['diff']:+.2f} [{e['lo']:+.2f}, {e['hi']:+.2f}])"
+            cells.append(cell)
+        cells.append(f"{sc['greedy']['eos_rate']:.2f} / {sc['sampled']['eos_rate']:.2f}")
+        cells.append("-" if not drift else ", ".join(
+            f"{drift[0][k]:.2f} -> {drift[-1][k]:.2f}" for k in ("teacher_fraction", "eos_rate", "newline_fraction")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scores(report: dict) -> dict:

@@ -31,9 +31,8 @@ DISTIL_CONFIG = str(REPO / "configs" / "baselines" / "switch-exp.yaml")
 # The warm-up takes a layer-dropped student from gibberish to fluent: a higher LR than the baselines'.
 WARMUP_LR = 3e-4
 # Distillation keeps an SFT term on the references: loss = (1 - r) SWITCH + r NLL(reference).
-# Measured with the make run defaults (same warm-up, 20 steps, 64 test prompts): pure SWITCH
-# (r = 0) collapsed the student into newline loops that never stop (ROUGE-L greedy 4.76 -> 2.04,
-# 64 of 64 answers cut at max_new_tokens); r = 0.5 took it to 5.68, 59 of 64 ending with EOS.
+# Pure SWITCH (r = 0) turns this student's greedy answers into newline loops that never stop
+# (docs/quality.md, benchmarks/collapse.py); the term keeps them ending with EOS.
 DISTIL_SFT_RATIO = 0.5
 
 
