@@ -14,14 +14,18 @@ Resumable run by run: each finished run writes RESULTS/runs/METHOD-seedN.json (s
 load) and METHOD-seedN.rows.jsonl.gz (every prompt: index, reference, teacher answer, the model's
 greedy and sampled answers and their scores); a run whose files exist is not run again, and a run
 that was interrupted resumes from its last checkpoint (trainer.save_every). --commit commits each
-run's files as they land. The aggregate (RESULTS/../quality.json and plots/quality_*.png) is
-recomputed from those files alone. --quick: the tiny random pair, 2 steps, one seed (checks the
+run's files as they land, in the repository that holds --results (so a study running from a
+worktree at a fixed commit can land its results in the main checkout). The warm-up's weights
+are recorded by checksum, so a study continued on another machine can check that it starts from
+the same student. The aggregate (RESULTS/../quality.json and plots/quality_*.png) is recomputed
+from those files alone. --quick: the tiny random pair, 2 steps, one seed (checks the
 machinery; its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import statistics
@@ -79,10 +83,30 @@ def load_run(results: Path, name: str) -> dict | None:
     return {**json.loads(json_path.read_text()), "rows": rows}
 
 
-def commit(paths: list[Path], message: str) -> None:
-    """git add + commit ``paths`` in this checkout (the study's worktree)."""
-    subprocess.run(["git", "-C", str(REPO), "add", *map(str, paths)], check=True)
-    subprocess.run(["git", "-C", str(REPO), "commit", "-q", "-m", message, "--", *map(str, paths)], check=True)
+def weights_sha256(model_dir: str) -> str:
+    """sha256 over the model's safetensors files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def commit(paths: list[Path], message: str, attempts: int = 5) -> None:
+    """Commit ``paths`` (only them) in the repository that holds them: the study can run from a
+    worktree at a fixed commit and land each result in the main checkout. A failure (another
+    commit holding the index lock) is retried, then logged: it never stops the study."""
+    repo = ["git", "-C", str(paths[0].resolve().parent)]
+    for attempt in range(attempts):
+        add = subprocess.run([*repo, "add", "--", *map(str, (p.resolve() for p in paths))], capture_output=True, text=True)
+        done = add.returncode == 0 and subprocess.run(
+            [*repo, "commit", "-q", "-m", message, "--", *map(str, (p.resolve() for p in paths))],
+            capture_output=True, text=True).returncode == 0
+        if done:
+            return
+        time.sleep(2 ** attempt)
+    print(f"warning: could not commit {', '.join(map(str, paths))}; commit them by hand", file=sys.stderr, flush=True)
 
 
 def run_study(args, base: list[str]) -> None:
@@ -107,7 +131,7 @@ def run_study(args, base: list[str]) -> None:
             report = eval_stage(config(REFERENCE), eval_overrides, model_dir, out / "eval" / f"{name}.json",
                                 max_prompts=args.eval_prompts, teacher_report=teacher)
             paths = save_run(results, name, report, {"run": name, "eval_seconds": time.perf_counter() - start,
-                                                     "code": code})
+                                                     "code": code, "weights_sha256": weights_sha256(model_dir)})
             if args.commit:
                 commit(paths, f"Quality study: {name} evaluated ({report['prompts']} test prompts)")
         teacher = teacher or load_run(results, "teacher")
