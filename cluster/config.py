@@ -24,6 +24,7 @@ import yaml
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig, bounded, choice
 from switchkd.rollout.weight_sync import TRANSPORTS
 from switchkd.trainer.config import TrainerConfig
+from switchkd.trainer.ds_config import deep_merge
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -113,7 +114,7 @@ def read_yaml_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"config file {path}: base configs form a cycle: {loop}")
     if not base_path.is_file():
         raise ConfigError(f"config file {path}: base config {base} does not exist ({base_path})")
-    return _deep_merge(read_yaml_with_base(base_path, seen), raw)
+    return deep_merge(read_yaml_with_base(base_path, seen), raw)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -130,14 +131,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    """``over`` laid on ``base``: mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def to_dict(cfg) -> dict:

@@ -58,7 +58,7 @@ def build_ds_config(cfg: TrainerConfig, device: str) -> dict:
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed_config:
-        ds = _merge(ds, _read_user_json(cfg.deepspeed_config))
+        ds = deep_merge(ds, _read_user_json(cfg.deepspeed_config))
         for key in _BATCH_KEYS:
             expected = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
                         "gradient_accumulation_steps": cfg.grad_accum_steps}[key]
@@ -82,10 +82,11 @@ def _read_user_json(path: str) -> dict:
     return data
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merge key by key, anything else replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        out[k] = deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
 
 
