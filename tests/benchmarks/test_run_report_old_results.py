@@ -46,4 +46,4 @@ def test_report_renders_results_without_lockstep(tmp_path):
                "plots": [], **head}
     text = run.render_tables(tmp_path, summary)
     assert "| rollout_floor_over_lockstep_every_length |" in text and "lockstep tok/s" in text
-    assert "| tiny | 4 x 16 | - | - | 100 |" in text   # no lockstep, no lockstep inline
+    assert "| tiny | 4 x 16 | - | - | - | 100 |" in text   # no tau0 recorded, no lockstep, no lockstep inline
