@@ -123,9 +123,9 @@ def run_study(args, base: list[str]) -> None:
         WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out / "warmup"), f"trainer.lr={WARMUP_LR}"],
         out / "warmup", progress=False)["export"]
     code = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher, None), ("warm-up", student, None)]
+    fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher), ("warm-up", student)]
     teacher = None
-    for name, model_dir, _ in fixed:
+    for name, model_dir in fixed:
         if load_run(results, name) is None:
             start = time.perf_counter()
             report = eval_stage(config(REFERENCE), eval_overrides, model_dir, out / "eval" / f"{name}.json",
@@ -160,7 +160,7 @@ def run_study(args, base: list[str]) -> None:
 def aggregate(results: Path) -> dict:
     """Per method: seeds, mean and std over seeds of every metric (overall and per length bucket),
     wall time, teacher fraction, and paired bootstrap CIs of (method - SWITCH) and (method - warm-up)."""
-    from switchkd.rollout.eval_stats import compare
+    from switchkd.rollout.eval_stats import METRICS, compare
 
     runs: dict[str, list[dict]] = {}
     for path in sorted((results / "runs").glob("*.json")):
@@ -175,8 +175,8 @@ def aggregate(results: Path) -> dict:
         for mode in ("greedy", "sampled"):
             if mode not in reports[0]:
                 continue
-            metrics = [m for m, v in reports[0][mode].items() if isinstance(v, float) and m != "temperature"]
-            entry[mode] = {m: _spread([r[mode][m] for r in reports]) for m in metrics}
+            metrics = [m for m in METRICS if m in reports[0][mode]]
+            entry[mode] = {m: _spread([r[mode][m] for r in reports]) for m in [*metrics, "mean_response_tokens"]}
             entry[mode]["eos_rate"] = _spread([r[mode]["finish_reasons"].get("stop", 0) / r["prompts"]
                                                for r in reports])
             entry[mode]["by_reference_length"] = {
