@@ -38,13 +38,13 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
     assert set(summary["scores"]) == {"teacher", "student before (warm-up)", "student after (SWITCH)"}
     for scores in summary["scores"].values():
         assert set(scores["greedy"]) == {"rougeL", "fidelity", "teacher_nll"}
-        assert set(scores["sampled"]) == {"rougeL", "fidelity", "teacher_nll", "reverse_kl"} - {"fidelity"}
+        assert set(scores["sampled"]) == {"rougeL", "teacher_nll", "reverse_kl"}
         assert all(0 <= scores[mode]["rougeL"] <= 100 for mode in scores)
     assert summary["eval_prompts"] == 6
     ci = summary["after_vs_before"]["greedy"]["rougeL"]["all"]
-    assert ci["n"] == 6 and ci["lo"] <= ci["diff"] <= ci["hi"]
-    assert ci["diff"] == summary["scores"]["student after (SWITCH)"]["greedy"]["rougeL"] - \
-        summary["scores"]["student before (warm-up)"]["greedy"]["rougeL"]
+    assert ci["n"] == 6 and ci["lo"] - 1e-9 <= ci["diff"] <= ci["hi"] + 1e-9
+    assert ci["diff"] == pytest.approx(summary["scores"]["student after (SWITCH)"]["greedy"]["rougeL"]
+                                       - summary["scores"]["student before (warm-up)"]["greedy"]["rougeL"])
     assert 0 <= summary["teacher_fraction"] <= 1
     rollouts = json.loads((out / "eval" / "student_after__SWITCH.json").read_text())["rollouts"]
     assert rollouts["sequences"] == 2 * 4                                 # every distillation rollout counted
