@@ -107,18 +107,28 @@ def read_yaml_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         return raw
     if not isinstance(base, str) or not base:
         raise ConfigError(f"config file {path}: base must be a config file path, got {_short(base)}")
-    base_path = (path.parent / base).resolve()
+    try:
+        base_path = (path.parent / base).resolve()
+    except (OSError, ValueError) as e:   # e.g. an embedded NUL byte
+        raise ConfigError(f"config file {path}: base {_short(base)} is not a usable path ({e})") from None
     seen = (*chain, path.resolve())
     if base_path in seen:
         loop = " -> ".join(str(p) for p in (*seen, base_path))
         raise ConfigError(f"config file {path}: base configs form a cycle: {loop}")
-    if not base_path.is_file():
-        raise ConfigError(f"config file {path}: base config {base} does not exist ({base_path})")
+    if not _is_file(base_path):
+        raise ConfigError(f"config file {path}: base config {_short(base)} does not exist ({_short(str(base_path))})")
     return deep_merge(read_yaml_with_base(base_path, seen), raw)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

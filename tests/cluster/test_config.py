@@ -85,7 +85,7 @@ def test_base_configs_merge_and_fail_in_one_line(tmp_path):
     assert (cfg.rollout.temperature, cfg.rollout.switch.tau0, cfg.rollout.switch.decay, cfg.trainer.lr) == \
         (0.5, 0.3, 0.2, 0.001)                         # nested keys merge; the nearer file and overrides win
     (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match=r"missing.yaml: base config nowhere.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"missing.yaml: base config 'nowhere.yaml' does not exist"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
