@@ -28,8 +28,11 @@ from common import machine_info, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "baselines" / "switch-exp.yaml")
+# The sweep's starting point: the shipped SWITCH config as it was when the collapse was found
+# (rollouts and sampled evaluation at T = 1); each variant changes one thing from there.
+SWEEP_BASE = ["rollout.temperature=1.0"]
 VARIANTS = {
-    "forward_kl": [],                                              # the configs' loss, as before
+    "forward_kl": [],                                              # SWEEP_BASE alone
     "teacher_model": ["trainer.teacher_source=model"],             # full-vocabulary teacher in the trainer
     "reverse_kl": ["trainer.loss=reverse_kl"],                     # mode-seeking divergence
     "jsd_0.5": ["trainer.loss=jsd", "trainer.jsd_beta=0.5"],       # GKD's generalized JSD
@@ -94,7 +97,7 @@ def main() -> None:
     from switchkd.rollout.eval_stats import compare
 
     out = Path(args.out)
-    eval_overrides = ["data.split=test", f"rollout.seed={args.seed}"]
+    eval_overrides = [*SWEEP_BASE, "data.split=test", f"rollout.seed={args.seed}"]
     teacher_dir = load_config(CONFIG).model.teacher
     teacher = eval_stage(CONFIG, eval_overrides, teacher_dir, out / "eval" / "teacher.json")
     warm = eval_stage(CONFIG, eval_overrides, args.warmup_from, out / "eval" / "warm-up.json", teacher_report=teacher)
@@ -104,7 +107,7 @@ def main() -> None:
     for name in args.variants:
         start = time.perf_counter()
         run_dir = out / name
-        run = train_stage(CONFIG, [*training_overrides(args.steps, args.seed, run_dir, args.warmup_from),
+        run = train_stage(CONFIG, [*SWEEP_BASE, *training_overrides(args.steps, args.seed, run_dir, args.warmup_from),
                                    "trainer.sft_ratio=0", *VARIANTS[name]], run_dir, progress=False)
         report = eval_stage(CONFIG, eval_overrides, run["export"], out / "eval" / f"{name}.json",
                             saved_rollouts(run_dir), teacher_report=teacher)
