@@ -93,6 +93,16 @@ def weights_sha256(model_dir: str) -> str:
     return digest.hexdigest()
 
 
+def load_runs(results: Path) -> dict[str, list[dict]]:
+    """Every saved run, grouped by method (the teacher and the warm-up under their own names)."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((results / "runs").glob("*.json")):
+        report = load_run(results, path.stem)
+        if report is not None:
+            runs.setdefault(report.get("method", report["run"]), []).append(report)
+    return runs
+
+
 def commit(paths: list[Path], message: str, attempts: int = 5) -> None:
     """Commit ``paths`` (only them) in the repository that holds them: the study can run from a
     worktree at a fixed commit and land each result in the main checkout. A failure (another
@@ -162,11 +172,7 @@ def aggregate(results: Path) -> dict:
     wall time, teacher fraction, and paired bootstrap CIs of (method - SWITCH) and (method - warm-up)."""
     from switchkd.rollout.eval_stats import METRICS, compare
 
-    runs: dict[str, list[dict]] = {}
-    for path in sorted((results / "runs").glob("*.json")):
-        report = load_run(results, path.stem)
-        if report is not None:
-            runs.setdefault(report.get("method", report["run"]), []).append(report)
+    runs = load_runs(results)
     out = {}
     for method, reports in runs.items():
         entry: dict = {"seeds": [r.get("seed") for r in reports]}
@@ -201,11 +207,7 @@ def plot(results: Path, out_dir: Path) -> list[str]:
     fraction by position of the SWITCH runs."""
     from switchkd.cluster.plots import plot_by_bucket, plot_teacher_fraction
 
-    reports: dict[str, list[dict]] = {}
-    for path in sorted((results / "runs").glob("*.json")):
-        r = load_run(results, path.stem)
-        if r is not None:
-            reports.setdefault(r.get("method", r["run"]), []).append(r)
+    reports = load_runs(results)
     order = [m for m in ("teacher", "warm-up", *METHODS) if m in reports]
     reports = {m: reports[m] for m in order}
     students = {m: v for m, v in reports.items() if m != "teacher"}
