@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
@@ -230,14 +228,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def use_installed_extensions() -> None:
-    """Point DeepSpeed's JIT ops (the CPU shm collective) at the cache `make install` fills in the
-    venv, so a direct `.venv/bin/switchkd ...` reuses the op instead of compiling it into ~/.cache."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-
-
 def main(argv: list[str] | None = None) -> int:
-    use_installed_extensions()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +32,13 @@ DS_TAG = "deepspeed"
 _SUMS = ("loss", "div_student", "tokens_student", "div_teacher", "tokens_teacher", "sft_nll", "tokens_ref")
 
 
+def use_installed_extensions() -> None:
+    """Point DeepSpeed's JIT ops (the CPU shm collective) at the cache `make install` fills in the
+    venv, whoever starts the worker (CLI, benchmark, test): the op is reused, never rebuilt into
+    ~/.cache, where a build killed half-way leaves a lock that every later build waits on forever."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 class TrainWorker:
     def __init__(self, cfg, rank: int, world_size: int, device: str, total_steps: int | None, pad_id: int,
                  in_actor: bool = False):
@@ -49,6 +57,7 @@ class TrainWorker:
 
     def start(self, master_addr: str, master_port: int, local_rank: int) -> None:
         """Join the process group, load the student (and teacher), build the DeepSpeed engine."""
+        use_installed_extensions()
         import deepspeed
         import transformers
         from transformers import AutoModelForCausalLM
