@@ -40,6 +40,10 @@ VARIANTS = {
     "temperature_0.7": ["rollout.temperature=0.7"],                # the student samples less far out
     "tau0_0.3": ["rollout.switch.tau0=0.3"],                       # the teacher takes over sooner
     "max_new_tokens_128": ["rollout.max_new_tokens=128"],          # fewer responses cut before EOS
+    # SeqKD at T = 0.7 (compare temperature_0.7): the teacher writes every token, so nothing is on-policy
+    "teacher_writes_0.7": ["rollout.temperature=0.7", "rollout.switch.rule=teacher"],
+    # the threshold at the JSD of student-owned tokens (0.34-0.40), with T = 0.7 rollouts
+    "tau0_0.3_T0.7": ["rollout.temperature=0.7", "rollout.switch.tau0=0.3"],
 }
 __doc__ += "".join(f"    {name:<20} {' '.join(o) or '(the configs as shipped)'}\n" for name, o in VARIANTS.items())
 NEWLINE_TEXT = "\n"
