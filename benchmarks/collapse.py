@@ -44,6 +44,8 @@ VARIANTS = {
     "teacher_writes_0.7": ["rollout.temperature=0.7", "rollout.switch.rule=teacher"],
     # the threshold at the JSD of student-owned tokens (0.34-0.40), with T = 0.7 rollouts
     "tau0_0.3_T0.7": ["rollout.temperature=0.7", "rollout.switch.tau0=0.3"],
+    # room for the teacher's answers to end (its greedy answers average 143 tokens at a 256 budget)
+    "max_new_tokens_256_T0.7": ["rollout.temperature=0.7", "rollout.max_new_tokens=256"],
 }
 __doc__ += "".join(f"    {name:<20} {' '.join(o) or '(the configs as shipped)'}\n" for name, o in VARIANTS.items())
 NEWLINE_TEXT = "\n"
@@ -88,6 +90,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--eval-max-new-tokens", type=int, default=None,
+                        help="the evaluation's length budget (default: the config's rollout.max_new_tokens)")
     parser.add_argument("--out", default="runs/collapse")
     parser.add_argument("--json", default="benchmarks/results/collapse.json")
     parser.add_argument("--table-only", action="store_true", help="print the table of --json and exit")
@@ -102,9 +106,13 @@ def main() -> None:
 
     out = Path(args.out)
     eval_overrides = [*SWEEP_BASE, "data.split=test", f"rollout.seed={args.seed}"]
+    eval_dir = out / "eval"
+    if args.eval_max_new_tokens:
+        eval_overrides.append(f"rollout.max_new_tokens={args.eval_max_new_tokens}")
+        eval_dir = out / f"eval-{args.eval_max_new_tokens}"
     teacher_dir = load_config(CONFIG).model.teacher
-    teacher = eval_stage(CONFIG, eval_overrides, teacher_dir, out / "eval" / "teacher.json")
-    warm = eval_stage(CONFIG, eval_overrides, args.warmup_from, out / "eval" / "warm-up.json", teacher_report=teacher)
+    teacher = eval_stage(CONFIG, eval_overrides, teacher_dir, eval_dir / "teacher.json")
+    warm = eval_stage(CONFIG, eval_overrides, args.warmup_from, eval_dir / "warm-up.json", teacher_report=teacher)
     newline_ids = newline_token_ids(args.warmup_from)
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     results = previous.get("variants", {})
@@ -113,14 +121,15 @@ def main() -> None:
         run_dir = out / name
         run = train_stage(CONFIG, [*SWEEP_BASE, *training_overrides(args.steps, args.seed, run_dir, args.warmup_from),
                                    "trainer.sft_ratio=0", *VARIANTS[name]], run_dir, progress=False)
-        report = eval_stage(CONFIG, eval_overrides, run["export"], out / "eval" / f"{name}.json",
+        report = eval_stage(CONFIG, eval_overrides, run["export"], eval_dir / f"{name}.json",
                             saved_rollouts(run_dir), teacher_report=teacher)
         results[name] = {"overrides": VARIANTS[name], "wall_seconds": time.perf_counter() - start,
                          "scores": scores(report), "vs_warmup": compare([warm], [report], by_bucket=False),
                          "rollouts_by_step": rollout_drift(run_dir, newline_ids)}
         print(f"{name}: " + ", ".join(f"{m} {v:.3f}" for m, v in results[name]["scores"]["greedy"].items()), flush=True)
         write_json({"benchmark": "collapse", "machine": machine_info(), "steps": args.steps, "seed": args.seed,
-                    "warmup_from": args.warmup_from, "teacher": scores(teacher), "warm-up": scores(warm),
+                    "warmup_from": args.warmup_from,
+                    "eval_max_new_tokens": args.eval_max_new_tokens, "teacher": scores(teacher), "warm-up": scores(warm),
                     "variants": results}, args.json, quiet=True)
     print(table(json.loads(Path(args.json).read_text())))
 
