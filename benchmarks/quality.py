@@ -170,7 +170,7 @@ def run_study(args, base: list[str]) -> None:
 def aggregate(results: Path) -> dict:
     """Per method: seeds, mean and std over seeds of every metric (overall and per length bucket),
     wall time, teacher fraction, and paired bootstrap CIs of (method - SWITCH) and (method - warm-up)."""
-    from switchkd.rollout.eval_stats import METRICS, compare
+    from switchkd.rollout.evaluation.stats import METRICS, compare
 
     runs = load_runs(results)
     out = {}
@@ -283,7 +283,7 @@ def main() -> None:
     args.seeds = parse_seeds(args.seeds)
     base: list[str] = []
     if args.quick:
-        from switchkd.rollout.tiny_models import build_tiny_models
+        from switchkd.rollout.models.tiny import build_tiny_models
 
         tiny = build_tiny_models(Path(args.out) / "tiny-models", seed=0)
         base = [f"model.teacher={tiny['teacher']}", f"model.student={tiny['student']}", "model.dtype=float32",

@@ -62,7 +62,7 @@ from common import machine_info, stats, write_json  # noqa: E402
 SMOLLM2_VOCAB = 49152
 # name -> LlamaConfig fields. Head dim 64 throughout (vLLM CPU attention).
 SIZES: dict[str, dict] = {
-    # the repo's tiny student (rollout/tiny_models.py): vocab 512, hidden 128, 2 layers, untied
+    # the repo's tiny student (rollout/models/tiny.py): vocab 512, hidden 128, 2 layers, untied
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False),
     # ~19M: SmolLM2 vocab, narrow
@@ -183,7 +183,7 @@ def bench_size(name: str, args, work: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from switchkd.rollout.engines import StudentEngine
+    from switchkd.rollout.engines.actors import StudentEngine
     from switchkd.rollout.weight_sync import SyncTicket
     from switchkd.rollout.weight_sync_collective import new_group, send_weights
     from switchkd.rollout.weight_sync_shm import WEIGHTS_FILE, checksum_file, default_root, prune, write_weights

@@ -8,9 +8,9 @@ import sys
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
-from switchkd.rollout.data import PromptError
-from switchkd.rollout.models import ModelError
-from switchkd.rollout.schema import SchemaError
+from switchkd.rollout.data.prompts import PromptError
+from switchkd.rollout.models.checks import ModelError
+from switchkd.rollout.data.schema import SchemaError
 from switchkd.cluster.placement import ClusterError
 from switchkd.rollout.weight_sync import WeightSyncError
 from switchkd.trainer.ds_config import TrainerError
@@ -22,14 +22,14 @@ USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, 
 
 
 def _cmd_tiny_models(args) -> None:
-    from switchkd.rollout.tiny_models import build_tiny_models
+    from switchkd.rollout.models.tiny import build_tiny_models
 
     paths = build_tiny_models(args.out, seed=args.seed)
     print(f"tiny models (seed {args.seed}): teacher {paths['teacher']}, student {paths['student']}")
 
 
 def _cmd_models_prepare(args) -> None:
-    from switchkd.rollout.real_models import DEFAULT_STUDENT_LAYERS, parse_layers, prepare_default_models
+    from switchkd.rollout.models.real import DEFAULT_STUDENT_LAYERS, parse_layers, prepare_default_models
 
     layers = parse_layers(args.student_layers) if args.student_layers else DEFAULT_STUDENT_LAYERS
     paths = prepare_default_models(args.out, student_layers=layers, force=args.force)
@@ -84,7 +84,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_data_prepare(args) -> None:
-    from switchkd.rollout.data import DEFAULT_DATA_PACKAGE, prepare_default_data
+    from switchkd.rollout.data.prompts import DEFAULT_DATA_PACKAGE, prepare_default_data
 
     rows, written = prepare_default_data(args.out)
     print(f"default data ({DEFAULT_DATA_PACKAGE}, English pairs): {rows} rows in {args.out}"
@@ -94,11 +94,11 @@ def _cmd_data_prepare(args) -> None:
 def _cmd_eval(args) -> None:
     import dataclasses
 
-    from switchkd.rollout.evaluate import (load_report, report_lines, rollout_teacher_fraction, run_eval,
+    from switchkd.rollout.evaluation.evaluate import (load_report, report_lines, rollout_teacher_fraction, run_eval,
                                            teacher_answers_of, write_report)
 
     if args.compare:
-        from switchkd.rollout.eval_stats import compare, compare_lines
+        from switchkd.rollout.evaluation.stats import compare, compare_lines
 
         a, b = (load_report(path) for path in args.compare)
         print("\n".join(compare_lines(compare([a], [b]), *args.compare)))

@@ -41,8 +41,8 @@ def plot_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode: str =
                    metric: str = "rougeL") -> Path:
     """Grouped bars: ``metric`` per reference-length bucket (and overall) for each label's eval
     report(s); several reports per label (seeds) give mean and standard-deviation error bars."""
-    from switchkd.rollout.eval_stats import METRICS
-    from switchkd.rollout.evaluate import bucket_labels
+    from switchkd.rollout.evaluation.stats import METRICS
+    from switchkd.rollout.evaluation.evaluate import bucket_labels
 
     labels = list(reports)
     present = {b for runs in reports.values() for r in (runs if isinstance(runs, list) else [runs])

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from switchkd.rollout.engines import ENGINE_DIED
+from switchkd.rollout.engines.actors import ENGINE_DIED
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
 from switchkd.rollout.weight_sync_shm import default_root, prune
 

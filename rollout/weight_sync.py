@@ -1,7 +1,7 @@
 """Weight sync from trainer rank 0 to the student engine: one interface, two transports.
 
 The trainer side *sends* a version of the full student weights; the engine side *receives*
-it inside its vLLM worker(s) (``vllm_fastpath.WeightSyncExtension``) and loads it in place.
+it inside its vLLM worker(s) (``engines.weight_sync_worker.WeightSyncExtension``) and loads it in place.
 What travels between the two through the driver is a small ``SyncTicket``:
 
 * ``shm`` (weight_sync_shm): rank 0 writes ``v<version>/model.safetensors`` plus a manifest

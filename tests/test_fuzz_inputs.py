@@ -34,10 +34,10 @@ import yaml
 from switchkd.cluster.cli import USER_ERRORS
 from switchkd.cluster.config import Config, all_keys, load_config
 from switchkd.cluster.placement import plan_placement
-from switchkd.rollout import schema
+from switchkd.rollout.data import schema
 from switchkd.rollout.config import DataConfig
-from switchkd.rollout.data import load_examples, load_prompts
-from switchkd.rollout.models import CPU_HEAD_SIZES, check_pair, read_model_config
+from switchkd.rollout.data.prompts import load_examples, load_prompts
+from switchkd.rollout.models.checks import CPU_HEAD_SIZES, check_pair, read_model_config
 from switchkd.trainer.offline import load_rollouts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from switchkd.rollout.local_ray import init_local_ray
-from switchkd.rollout.models import check_pair, read_model_config
+from switchkd.rollout.models.checks import check_pair, read_model_config
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import check_references, check_rows, reference_tokens
 from switchkd.trainer.ds_config import TrainerError, build_ds_config, lr_factor, resolve_device

@@ -90,7 +90,7 @@ class TrainWorker:
                                                dist_init_required=False)
         self.teacher = None
         if self.tc.teacher_source == "model":
-            from switchkd.rollout.hf_reference import load_hf_model
+            from switchkd.rollout.models.hf_reference import load_hf_model
 
             self.teacher = load_hf_model(self.cfg.model.teacher, self.cfg.model.dtype,
                                          self.cfg.model.trust_remote_code).to(self.device)

@@ -4,7 +4,7 @@ import pytest
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.generate import run_generate
 from switchkd.rollout.local_ray import init_local_ray
-from switchkd.rollout.schema import read_rollouts
+from switchkd.rollout.data.schema import read_rollouts
 
 
 @pytest.mark.parametrize("mode", ["lockstep", "block"])
@@ -38,7 +38,7 @@ def test_wait_until_ready_waits_for_a_restart_and_fails_fast_on_a_dead_actor():
     ray = pytest.importorskip("ray")
     from ray.exceptions import ActorDiedError
 
-    from switchkd.rollout.engines import EngineHandle
+    from switchkd.rollout.engines.actors import EngineHandle
 
     class Engine:
         def version(self):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from switchkd.rollout.engines import StudentEngine, engine_kwargs
+from switchkd.rollout.engines.actors import StudentEngine, engine_kwargs
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
 from switchkd.rollout.weight_sync_collective import new_group, plan_buckets, receive_weights, send_weights
 from switchkd.rollout.weight_sync_shm import checksum_file, read_weights, write_weights

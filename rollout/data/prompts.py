@@ -26,8 +26,8 @@ from itertools import pairwise
 from pathlib import Path
 
 from switchkd.rollout.config import DataConfig
-from switchkd.rollout.schema import write_atomic
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.data.schema import write_atomic
+from switchkd.rollout.data.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
 
 DOLLY_SEPARATOR = "\n\n"
