@@ -185,8 +185,8 @@ def bench_size(name: str, args, work: Path) -> dict:
 
     from switchkd.rollout.engines.actors import StudentEngine
     from switchkd.rollout.weight_sync import SyncTicket
-    from switchkd.rollout.weight_sync_collective import new_group, send_weights
-    from switchkd.rollout.weight_sync_shm import WEIGHTS_FILE, checksum_file, default_root, prune, write_weights
+    from switchkd.rollout.weight_sync.collective import new_group, send_weights
+    from switchkd.rollout.weight_sync.shm import WEIGHTS_FILE, checksum_file, default_root, prune, write_weights
 
     model_dir = work / name
     model = _build_model(name, model_dir, seed=args.seed)

@@ -34,7 +34,7 @@ import torch
 
 from switchkd.rollout.engines.actors import ENGINE_DIED
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
-from switchkd.rollout.weight_sync_shm import default_root, prune
+from switchkd.rollout.weight_sync.shm import default_root, prune
 
 log = logging.getLogger(__name__)
 # Largest total-variation distance between engine and trainer next-token distributions that

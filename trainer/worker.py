@@ -47,7 +47,7 @@ class TrainWorker:
         self.rank, self.world = rank, world_size
         self.device_kind, self.total_steps, self.pad_id = device, total_steps, pad_id
         self.in_actor = in_actor
-        self.sync_group = None
+        self.sync_sender = None  # rank 0, collective: the CollectiveSender of the weight-sync group
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it (rank 0's is the process-group rendezvous)."""
@@ -202,33 +202,27 @@ class TrainWorker:
 
     def init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
         """Rank 0 hosts the collective weight-sync group (rank 0 of ``world``); other ranks do nothing."""
-        from switchkd.rollout.weight_sync_collective import new_group
+        from switchkd.rollout.weight_sync import CollectiveSender
+        from switchkd.rollout.weight_sync.collective import new_group
 
         if self.rank == 0:
             device = self.device if backend == "nccl" else torch.device("cpu")
-            self.sync_group = (new_group(backend, host, port, 0, world, timeout_s), timeout_s, device)
+            self.sync_sender = CollectiveSender(new_group(backend, host, port, 0, world, timeout_s), device, timeout_s)
 
     def push_weights(self, transport: str, version: int, root: str | None) -> dict | None:
         """Collective: gather the full student; rank 0 sends it as ``version`` in the model dtype
         (shm: a version directory under ``root``) and returns the engine's SyncTicket as a dict."""
-        from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
+        from switchkd.rollout.weight_sync import ShmSender, WeightSyncError
 
         state = self.full_state_dict()
         if self.rank != 0:
             return None
         dtype = getattr(torch, self.cfg.model.dtype)
         state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
-        if transport == "shm":
-            from switchkd.rollout.weight_sync_shm import write_weights
-
-            return SyncTicket(version, "shm", str(write_weights(root, version, state))).to_dict()
-        from switchkd.rollout.weight_sync_collective import send_weights
-
-        if self.sync_group is None:
+        sender = ShmSender(root) if transport == "shm" else self.sync_sender
+        if sender is None:
             raise WeightSyncError("collective weight sync: trainer rank 0 has not joined a sync group")
-        group, timeout_s, device = self.sync_group
-        send_weights(group, state, version, device, timeout_s)
-        return SyncTicket(version, "collective").to_dict()
+        return sender.send(state, version).to_dict()
 
     def export(self, out_dir: str, tokenizer_dir: str) -> None:
         state = self.full_state_dict()

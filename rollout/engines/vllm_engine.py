@@ -120,7 +120,7 @@ class VLLMEngine:
 
         from switchkd.rollout.engines import fast_logprobs, switch_sampling  # vLLM version guard at import
         from switchkd.rollout.engines.lockstep import LOGITS_PROCESSOR_FQCN as LOCKSTEP_PROCESSOR
-        from switchkd.rollout.engines.weight_sync_worker import WORKER_EXTENSION_FQCN
+        from switchkd.rollout.weight_sync.vllm_worker import WORKER_EXTENSION_FQCN
 
         fast_logprobs.install()
         from vllm import LLM
@@ -198,20 +198,17 @@ class VLLMEngine:
         """Load the weight version a ``weight_sync.SyncTicket`` describes, then drop the prefix
         cache (its KV blocks belong to the old weights). A refused or failed version raises
         WeightSyncError and the engine keeps serving the weights it had."""
-        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
+        from switchkd.rollout.weight_sync import TRANSPORTS, WeightSyncError, check_newer
 
         version, transport = int(ticket["version"]), ticket["transport"]
+        if transport not in TRANSPORTS:
+            raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
         if transport == "shm":
             check_newer(version, self.weight_version)
-            self.llm.collective_rpc("switchkd_load_weights_file",
-                                    args=(ticket["path"], version, self.weight_version))
-        elif transport == "collective":
-            received = self.llm.collective_rpc("switchkd_receive_weights", args=(self.weight_version,))
-            if any(v != version for v in received):
-                raise WeightSyncError(f"collective weight sync: workers received versions {received}, "
-                                      f"the ticket says {version}")
-        else:
-            raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
+        received = self.llm.collective_rpc("switchkd_update_weights", args=(dict(ticket), self.weight_version))
+        if any(v != version for v in received):
+            raise WeightSyncError(f"{transport} weight sync: workers received versions {received}, "
+                                  f"the ticket says {version}")
         self.reset_prefix_cache()
         self.weight_version = version
         return version

@@ -122,7 +122,7 @@ def test_in_process_vllm_engine_listens_on_loopback_only(tiny_models):
 _STORE_PROBE = """
 import json, psutil
 from switchkd.trainer.worker import _init_process_group, free_port
-from switchkd.rollout.weight_sync_collective import new_group
+from switchkd.rollout.weight_sync.collective import new_group
 _init_process_group("gloo", 0, 1, "127.0.0.1", free_port(), 60)   # the trainer's group (train, train-offline)
 group = new_group("gloo", "127.0.0.1", free_port(), 0, 1, 60)      # the collective weight-sync group
 print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]))
@@ -170,7 +170,7 @@ def open_umask():
 
 
 def test_weight_sync_files_are_owner_only(tmp_path, open_umask):
-    from switchkd.rollout.weight_sync_shm import default_root, write_weights
+    from switchkd.rollout.weight_sync.shm import default_root, write_weights
 
     root = tmp_path / "sync"
     version = write_weights(root, 3, {"w": torch.arange(4.0)})

@@ -1,43 +1,34 @@
-"""The weight-sync methods vLLM mixes into its worker (``worker_extension_cls``)."""
+"""The receiving end of weight sync inside the engine: methods vLLM mixes into its worker."""
 from __future__ import annotations
 
 import vllm
 
 from switchkd.rollout.engines import vllm_version  # noqa: F401  (the version guard)
+from switchkd.rollout.weight_sync.collective import CollectiveReceiver, new_group
+from switchkd.rollout.weight_sync.interface import SyncTicket, WeightSyncError
+from switchkd.rollout.weight_sync.shm import ShmReceiver
 
 
 class WeightSyncExtension:
     """Weight-sync methods vLLM mixes into its worker (``worker_extension_cls``), reached through
     ``LLM.collective_rpc`` on every worker of the engine. Weights go through the worker's own
-    ``reload_weights`` (in place, HF checkpoint names); see switchkd.rollout.weight_sync."""
-
-    def switchkd_load_weights_file(self, path: str, version: int, current_version: int) -> int:
-        """shm: load version directory ``path`` (checked against its manifest first)."""
-        from switchkd.rollout.weight_sync import check_newer
-        from switchkd.rollout.weight_sync_shm import read_weights
-
-        check_newer(version, current_version)
-        self._switchkd_reload(read_weights(path, version))
-        return version
+    ``reload_weights`` (in place, HF checkpoint names), from the transport's ``WeightReceiver``."""
 
     def switchkd_init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> int:
         """collective: join the sync group as rank 1 + this worker's rank; returns that rank."""
-        from switchkd.rollout.weight_sync_collective import new_group
-
         rank = 1 + self.rank
-        self.switchkd_sync_group = (new_group(backend, host, port, rank, world, timeout_s), timeout_s)
+        self.switchkd_receiver = CollectiveReceiver(new_group(backend, host, port, rank, world, timeout_s),
+                                                    self.device, timeout_s)
         return rank
 
-    def switchkd_receive_weights(self, current_version: int) -> int:
-        """collective: receive one broadcast version; refused (after draining it) unless newer."""
-        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
-        from switchkd.rollout.weight_sync_collective import receive_weights
-
-        if getattr(self, "switchkd_sync_group", None) is None:
+    def switchkd_update_weights(self, ticket: dict, current_version: int) -> int:
+        """Receive the version a ``SyncTicket`` dict announces (shm: its directory, checked against
+        its manifest first; collective: one broadcast) and load it; refused unless newer."""
+        ticket = SyncTicket(int(ticket["version"]), ticket["transport"], ticket.get("path"))
+        receiver = ShmReceiver() if ticket.transport == "shm" else getattr(self, "switchkd_receiver", None)
+        if receiver is None:
             raise WeightSyncError("collective weight sync: the engine has not joined a sync group")
-        group, timeout_s = self.switchkd_sync_group
-        version, weights = receive_weights(group, self.device, timeout_s)
-        check_newer(version, current_version)
+        version, weights = receiver.receive(ticket, current_version)
         self._switchkd_reload(weights)
         return version
 
