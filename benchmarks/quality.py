@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
 
+from switchkd.rollout.io import atomic_write  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("switch-exp", "gkd", "skd", "sft", "seqkd", "switch-linear", "switch-const", "kd")
 ROLLOUT_METHODS = ("seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
@@ -64,11 +66,13 @@ def save_run(results: Path, name: str, report: dict, meta: dict) -> list[Path]:
     runs.mkdir(parents=True, exist_ok=True)
     summary = {**meta, **{k: v for k, v in report.items() if k != "rows"}}
     rows_path, json_path = runs / f"{name}.rows.jsonl.gz", runs / f"{name}.json"
-    tmp = rows_path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for row in report["rows"]:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, rows_path)
+
+    def write_rows(f) -> None:
+        with gzip.open(f, "wt", encoding="utf-8") as text:
+            for row in report["rows"]:
+                text.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    atomic_write(rows_path, write_rows)
     write_json(summary, str(json_path), quiet=True)
     return [json_path, rows_path]
 

@@ -8,17 +8,9 @@ import sys
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
-from switchkd.rollout.data.prompts import PromptError
-from switchkd.rollout.models.checks import ModelError
-from switchkd.rollout.data.schema import SchemaError
-from switchkd.cluster.placement import ClusterError
-from switchkd.rollout.weight_sync import WeightSyncError
-from switchkd.trainer.ds_config import TrainerError
+from switchkd.rollout.errors import SwitchkdError
 
 PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64, "sft_ratio": DISTIL_SFT_RATIO}
-
-# Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
 
 
 def _cmd_tiny_models(args) -> None:
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as e:
+    except SwitchkdError as e:  # one line, no traceback; anything else is a bug and keeps its traceback
         print(f"switchkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,13 +3,14 @@ teacher-token fraction by response position, ROUGE-L by reference-length bucket.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from switchkd.rollout.io import atomic_write
 
 
 def plot_loss(metrics: dict[str, Path], out: Path) -> Path:
@@ -90,9 +91,6 @@ def _save(fig, ax, out: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -9,7 +9,6 @@ that ZeRO-3's parameter gathers stay in lockstep.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 from datetime import timedelta
@@ -19,7 +18,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from switchkd.rollout.local_ray import tcp_store
+from switchkd.rollout.local_ray import free_port, tcp_store
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import collate, collate_reference
 from switchkd.trainer.ds_config import build_ds_config, lr_factor
@@ -240,12 +239,6 @@ class TrainWorker:
 def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
     """Right-pad the last dimension of ``t`` to ``width`` with ``value``."""
     return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _init_process_group(backend: str, rank: int, world: int, addr: str, port: int, timeout_s: float) -> None:

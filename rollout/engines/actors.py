@@ -15,7 +15,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
-from switchkd.rollout.local_ray import init_local_ray
+from switchkd.rollout.local_ray import init_ray
 from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
 ACTOR_CALL_TIMEOUT_S = 3600.0
@@ -282,7 +282,7 @@ def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=No
     import ray
 
     if not ray.is_initialized():
-        init_local_ray(log_to_driver=False)
+        init_ray(log_to_driver=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
     # In-flight calls of a dead actor fail (max_task_retries=0): the caller decides what to redo.

@@ -10,7 +10,6 @@ import atexit
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import weakref
 from typing import Sequence
 
 import requests
+
+from switchkd.rollout.local_ray import free_port
 
 # vLLM's --logits-processors takes "<module>:<qualname>".
 LOGITS_PROCESSOR_FQCN = "switchkd.rollout.engines.teacher_plugin:ServerSamplingLogitsProcessor"
@@ -29,12 +30,6 @@ class ServerError(ValueError):
 
 
 _STARTED: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log_tail(path: str | None, lines: int = 25) -> str:
@@ -94,7 +89,7 @@ def start_local_server(
     from switchkd.rollout.models.checks import read_model_config
 
     read_model_config(model_dir, "rollout.teacher.server (local)")
-    port = port or _free_port()
+    port = port or free_port()
     api_key = api_key or secrets.token_urlsafe(32)
     url = f"http://127.0.0.1:{port}"
     proc_env = dict(os.environ)

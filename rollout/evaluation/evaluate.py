@@ -32,8 +32,9 @@ from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.data.prompts import Example, PromptError, load_examples
 from switchkd.rollout.evaluation.stats import METRICS, seeded_sample
 from switchkd.rollout.generate import summarize
+from switchkd.rollout.io import atomic_write_bytes
 from switchkd.rollout.models.checks import CPU_HEAD_SIZES, ModelError, head_size, read_model_config
-from switchkd.rollout.data.schema import SchemaError, read_rollouts, write_atomic
+from switchkd.rollout.data.schema import SchemaError, read_rollouts
 from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 
 REFERENCE_LENGTH_BUCKETS = (0, 16, 32, 64, 128)   # -> 0-15, 16-31, 32-63, 64-127, 128+
@@ -283,7 +284,7 @@ def load_report(path: str | Path) -> dict:
 def write_report(report: dict, out: str | Path) -> None:
     """Write the report as indented JSON, atomically."""
     content = (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    write_atomic(out, lambda f: f.write(content))
+    atomic_write_bytes(out, content)
 
 
 def _reference_tokens(example: Example, stop_token_ids: list[int]) -> int:

@@ -7,10 +7,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from switchkd.rollout.errors import SwitchkdError
+
 TRANSPORTS = ("shm", "collective")
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(SwitchkdError, RuntimeError):
     """A weight version was refused or could not be transferred; the engine keeps its weights."""
 
 

@@ -121,8 +121,9 @@ def test_in_process_vllm_engine_listens_on_loopback_only(tiny_models):
 
 _STORE_PROBE = """
 import json, psutil
-from switchkd.trainer.worker import _init_process_group, free_port
+from switchkd.rollout.local_ray import free_port
 from switchkd.rollout.weight_sync.collective import new_group
+from switchkd.trainer.worker import _init_process_group
 _init_process_group("gloo", 0, 1, "127.0.0.1", free_port(), 60)   # the trainer's group (train, train-offline)
 group = new_group("gloo", "127.0.0.1", free_port(), 0, 1, 60)      # the collective weight-sync group
 print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]))

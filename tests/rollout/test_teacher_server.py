@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from switchkd.rollout.engines.teacher_launcher import (
     stop_local_server,
     wait_for_server,
 )
+from switchkd.rollout.local_ray import free_port
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 100, 7, 300, 12, 9, 77, 5, 250]]
 
@@ -225,10 +225,7 @@ def test_server_killed_mid_run_fails_clearly_after_retries():
 
 
 def test_unreachable_server_fails_after_retries_quickly():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
     t0 = time.monotonic()
     with pytest.raises(ServerError, match="cannot connect") as e:
         client(url, max_retries=2, backoff_s=0.05)
