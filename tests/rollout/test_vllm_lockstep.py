@@ -2,7 +2,6 @@
 
 That lockstep rollouts equal the HF reference and the other modes is checked with them in
 test_vllm_generator.py; here are the parts only lockstep has."""
-import dataclasses
 import os
 import signal
 from types import SimpleNamespace
