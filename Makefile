@@ -36,6 +36,7 @@ run: install
 	$(VENV)/bin/switchkd pipeline --out runs/default-$(shell date +%Y%m%d-%H%M%S)
 
 test: install trl-venv
+	$(PY) -m ruff check rollout trainer cluster benchmarks tests
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 test-slow: install

@@ -102,7 +102,7 @@ def main() -> None:
 
     from switchkd.cluster.config import load_config
     from switchkd.cluster.pipeline import eval_stage, saved_rollouts, train_stage, training_overrides
-    from switchkd.rollout.eval_stats import compare
+    from switchkd.rollout.evaluation.stats import compare
 
     out = Path(args.out)
     eval_overrides = [*SWEEP_BASE, "data.split=test", f"rollout.seed={args.seed}"]

@@ -8,7 +8,8 @@ import statistics
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
+
+from switchkd.rollout.io import atomic_write_bytes
 
 
 def machine_info() -> dict:
@@ -48,8 +49,4 @@ def write_json(result: dict, path: str | None, quiet: bool = False) -> None:
     if not quiet:
         print(text)
     if path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
+        atomic_write_bytes(path, (text + "\n").encode())

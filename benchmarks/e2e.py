@@ -219,11 +219,11 @@ def ensure_models(models: str) -> None:
     if (REPO / "models" / ("tiny" if models == "tiny" else "smollm2-135m-instruct")).is_dir():
         return
     if models == "tiny":
-        from switchkd.rollout.tiny_models import build_tiny_models
+        from switchkd.rollout.models.tiny import build_tiny_models
 
         build_tiny_models(REPO / "models" / "tiny", seed=0)
     else:
-        from switchkd.rollout.real_models import prepare_default_models
+        from switchkd.rollout.models.real import prepare_default_models
 
         prepare_default_models(REPO / "models")
 

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, write_json  # noqa: E402
 
+from switchkd.rollout.io import atomic_write  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("switch-exp", "gkd", "skd", "sft", "seqkd", "switch-linear", "switch-const", "kd")
 ROLLOUT_METHODS = ("seqkd", "gkd", "skd", "switch-const", "switch-linear", "switch-exp")
@@ -64,11 +66,13 @@ def save_run(results: Path, name: str, report: dict, meta: dict) -> list[Path]:
     runs.mkdir(parents=True, exist_ok=True)
     summary = {**meta, **{k: v for k, v in report.items() if k != "rows"}}
     rows_path, json_path = runs / f"{name}.rows.jsonl.gz", runs / f"{name}.json"
-    tmp = rows_path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        for row in report["rows"]:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, rows_path)
+
+    def write_rows(f) -> None:
+        with gzip.open(f, "wt", encoding="utf-8") as text:
+            for row in report["rows"]:
+                text.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    atomic_write(rows_path, write_rows)
     write_json(summary, str(json_path), quiet=True)
     return [json_path, rows_path]
 
@@ -170,7 +174,7 @@ def run_study(args, base: list[str]) -> None:
 def aggregate(results: Path) -> dict:
     """Per method: seeds, mean and std over seeds of every metric (overall and per length bucket),
     wall time, teacher fraction, and paired bootstrap CIs of (method - SWITCH) and (method - warm-up)."""
-    from switchkd.rollout.eval_stats import METRICS, compare
+    from switchkd.rollout.evaluation.stats import METRICS, compare
 
     runs = load_runs(results)
     out = {}
@@ -283,7 +287,7 @@ def main() -> None:
     args.seeds = parse_seeds(args.seeds)
     base: list[str] = []
     if args.quick:
-        from switchkd.rollout.tiny_models import build_tiny_models
+        from switchkd.rollout.models.tiny import build_tiny_models
 
         tiny = build_tiny_models(Path(args.out) / "tiny-models", seed=0)
         base = [f"model.teacher={tiny['teacher']}", f"model.student={tiny['student']}", "model.dtype=float32",

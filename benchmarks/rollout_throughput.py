@@ -47,12 +47,12 @@ EOS_DEFAULT = 2
 def _models(which: str) -> tuple[str, str, str]:
     """(teacher dir, student dir, dtype) for the chosen pair, built if needed."""
     if which == "tiny":
-        from switchkd.rollout.tiny_models import build_tiny_models
+        from switchkd.rollout.models.tiny import build_tiny_models
 
         out = Path(tempfile.mkdtemp(prefix="switchkd_bench_"))
         paths = build_tiny_models(out, seed=0)
         return str(paths["teacher"]), str(paths["student"]), "float32"
-    from switchkd.rollout.real_models import prepare_default_models
+    from switchkd.rollout.models.real import prepare_default_models
 
     paths = prepare_default_models(REPO / "models")
     return str(paths["teacher"]), str(paths["student"]), "bfloat16"
@@ -73,7 +73,7 @@ def _hf_worker(args, queue):
     """Runs in its own process: time the HF reference on the same prompts."""
     import torch
 
-    from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
+    from switchkd.rollout.models.hf_reference import HFSwitchGenerator, load_hf_model
 
     teacher_dir, student_dir, dtype, cfg, prompts, eos, repeats = args
     torch.set_num_threads(os.cpu_count() or 1)
@@ -143,8 +143,8 @@ def run(args) -> dict:
 def _split_engines(model, cfg, prompts, warm, eos, repeats: int) -> tuple[dict, dict]:
     """Block and stepwise SWITCH, and both floors, on a teacher and a student engine, shut down after:
     ({mode: result}, {floor name: result})."""
-    from switchkd.rollout.engines import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+    from switchkd.rollout.engines.actors import EngineHandle, StudentEngine, TeacherEngine, engine_kwargs
+    from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
     teacher = EngineHandle(engine=TeacherEngine(**engine_kwargs(model.teacher, model, cfg.teacher, 0)))
     student = EngineHandle(engine=StudentEngine(**engine_kwargs(model.student, model, cfg.student, 0)))
@@ -185,8 +185,8 @@ def _time_generator(gen, prompts, warm, repeats: int) -> tuple[dict, list]:
 
 def _lockstep(model, cfg, prompts, warm, eos, repeats: int) -> dict:
     """Lockstep SWITCH on its own PairEngine (prefix caching off: not the block engines), shut down after."""
-    from switchkd.rollout.engines import start_engines
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+    from switchkd.rollout.engines.actors import start_engines
+    from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
     engines = start_engines(model, cfg)   # (pair, pair): one PairEngine's handle twice
     try:

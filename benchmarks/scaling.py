@@ -91,7 +91,7 @@ class RolloutBench:
         """Shut the current engines down, then start the ones ``mode`` runs on: "block" = a teacher and a
         student engine (block, stepwise, floor); "lockstep" = one PairEngine (prefix caching off)."""
         from switchkd.rollout.config import RolloutConfig
-        from switchkd.rollout.engines import start_engines
+        from switchkd.rollout.engines.actors import start_engines
 
         self.shutdown()
         start = time.perf_counter()
@@ -107,7 +107,7 @@ class RolloutBench:
 
     def _generator(self, batch: int, length: int, mode: str, tau0: float):
         from switchkd.rollout.config import RolloutConfig, SwitchConfig
-        from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+        from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
         cfg = RolloutConfig(engine="vllm", mode=mode, temperature=1.0, max_new_tokens=length, batch_size=batch,
                             switch=SwitchConfig(tau0=tau0))

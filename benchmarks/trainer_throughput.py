@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json  # noqa: E402
 
 from switchkd.cluster.config import load_config  # noqa: E402
-from switchkd.rollout import schema  # noqa: E402
+from switchkd.rollout.data import schema  # noqa: E402
 from switchkd.trainer.batch import collate  # noqa: E402
 from switchkd.trainer.ds_config import lr_factor, resolve_device, use_bf16  # noqa: E402
 from switchkd.trainer.group import Trainer  # noqa: E402
@@ -54,7 +54,7 @@ def build_student(out: Path, layers: int, hidden: int) -> Path:
     """A random llama student with the tiny tokenizer (vocab 512), saved as an HF dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from switchkd.rollout.tiny_models import VOCAB_SIZE, build_tokenizer
+    from switchkd.rollout.models.tiny import VOCAB_SIZE, build_tokenizer
 
     tok = build_tokenizer(0)
     torch.manual_seed(0)

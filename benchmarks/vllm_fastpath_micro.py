@@ -50,7 +50,7 @@ def build_smol_like(out: Path, seed: int = 0) -> Path:
 
 def resolve_model(name: str) -> str:
     if name == "tiny":
-        from switchkd.rollout.tiny_models import build_tiny_models
+        from switchkd.rollout.models.tiny import build_tiny_models
 
         root = Path("/tmp/switchkd_bench/tiny")
         if not (root / "student" / "config.json").exists():
@@ -93,8 +93,8 @@ def main() -> None:
 
     from vllm import SamplingParams
 
-    from switchkd.rollout import vllm_fastpath as fp
-    from switchkd.rollout.vllm_engine import VLLMEngine
+    from switchkd.rollout.engines import fast_logprobs as fp
+    from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
     model = resolve_model(args.model)
     eng = VLLMEngine(model, block_size=32, kv_cache_space_gb=1, max_model_len=1024)

@@ -45,7 +45,6 @@ import argparse
 import gc
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -59,10 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, stats, write_json  # noqa: E402
 
+from switchkd.rollout.local_ray import free_port  # noqa: E402
+
 SMOLLM2_VOCAB = 49152
 # name -> LlamaConfig fields. Head dim 64 throughout (vLLM CPU attention).
 SIZES: dict[str, dict] = {
-    # the repo's tiny student (rollout/tiny_models.py): vocab 512, hidden 128, 2 layers, untied
+    # the repo's tiny student (rollout/models/tiny.py): vocab 512, hidden 128, 2 layers, untied
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False),
     # ~19M: SmolLM2 vocab, narrow
@@ -78,12 +79,6 @@ SIZES: dict[str, dict] = {
 TOLERANCE = {"float32": ("max_abs_logprob_diff", 1e-3), "bfloat16": ("max_tv", 5e-2)}
 PROBE_LEN = 16
 TIMEOUT_S = 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_model(name: str, out: Path, seed: int):
@@ -183,10 +178,10 @@ def bench_size(name: str, args, work: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from switchkd.rollout.engines import StudentEngine
+    from switchkd.rollout.engines.actors import StudentEngine
     from switchkd.rollout.weight_sync import SyncTicket
-    from switchkd.rollout.weight_sync_collective import new_group, send_weights
-    from switchkd.rollout.weight_sync_shm import WEIGHTS_FILE, checksum_file, default_root, prune, write_weights
+    from switchkd.rollout.weight_sync.collective import new_group, send_weights
+    from switchkd.rollout.weight_sync.shm import WEIGHTS_FILE, checksum_file, default_root, prune, write_weights
 
     model_dir = work / name
     model = _build_model(name, model_dir, seed=args.seed)
@@ -205,7 +200,7 @@ def bench_size(name: str, args, work: Path) -> dict:
         engine_start_s = time.perf_counter() - start
         initial = _engine_logprobs(engine, ids)
 
-        host, port = "127.0.0.1", _free_port()
+        host, port = "127.0.0.1", free_port()
         joined: dict = {}
         start = time.perf_counter()
         t = threading.Thread(target=lambda: joined.update(g=new_group("gloo", host, port, 0, 2, TIMEOUT_S)))

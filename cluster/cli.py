@@ -8,28 +8,20 @@ import sys
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
-from switchkd.rollout.data import PromptError
-from switchkd.rollout.models import ModelError
-from switchkd.rollout.schema import SchemaError
-from switchkd.cluster.placement import ClusterError
-from switchkd.rollout.weight_sync import WeightSyncError
-from switchkd.trainer.ds_config import TrainerError
+from switchkd.rollout.errors import SwitchkdError
 
 PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64, "sft_ratio": DISTIL_SFT_RATIO}
 
-# Errors a user can fix; printed as one line, no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ClusterError, ConfigError, ModelError, PromptError, SchemaError, TrainerError, WeightSyncError)
-
 
 def _cmd_tiny_models(args) -> None:
-    from switchkd.rollout.tiny_models import build_tiny_models
+    from switchkd.rollout.models.tiny import build_tiny_models
 
     paths = build_tiny_models(args.out, seed=args.seed)
     print(f"tiny models (seed {args.seed}): teacher {paths['teacher']}, student {paths['student']}")
 
 
 def _cmd_models_prepare(args) -> None:
-    from switchkd.rollout.real_models import DEFAULT_STUDENT_LAYERS, parse_layers, prepare_default_models
+    from switchkd.rollout.models.real import DEFAULT_STUDENT_LAYERS, parse_layers, prepare_default_models
 
     layers = parse_layers(args.student_layers) if args.student_layers else DEFAULT_STUDENT_LAYERS
     paths = prepare_default_models(args.out, student_layers=layers, force=args.force)
@@ -84,7 +76,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_data_prepare(args) -> None:
-    from switchkd.rollout.data import DEFAULT_DATA_PACKAGE, prepare_default_data
+    from switchkd.rollout.data.prompts import DEFAULT_DATA_PACKAGE, prepare_default_data
 
     rows, written = prepare_default_data(args.out)
     print(f"default data ({DEFAULT_DATA_PACKAGE}, English pairs): {rows} rows in {args.out}"
@@ -94,11 +86,11 @@ def _cmd_data_prepare(args) -> None:
 def _cmd_eval(args) -> None:
     import dataclasses
 
-    from switchkd.rollout.evaluate import (load_report, report_lines, rollout_teacher_fraction, run_eval,
+    from switchkd.rollout.evaluation.evaluate import (load_report, report_lines, rollout_teacher_fraction, run_eval,
                                            teacher_answers_of, write_report)
 
     if args.compare:
-        from switchkd.rollout.eval_stats import compare, compare_lines
+        from switchkd.rollout.evaluation.stats import compare, compare_lines
 
         a, b = (load_report(path) for path in args.compare)
         print("\n".join(compare_lines(compare([a], [b]), *args.compare)))
@@ -233,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as e:
+    except SwitchkdError as e:  # one line, no traceback; anything else is a bug and keeps its traceback
         print(f"switchkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

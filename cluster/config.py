@@ -22,6 +22,7 @@ from typing import Optional
 import yaml
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig, bounded, choice
+from switchkd.rollout.errors import SwitchkdError
 from switchkd.rollout.weight_sync import TRANSPORTS
 from switchkd.trainer.config import TrainerConfig
 from switchkd.trainer.ds_config import deep_merge
@@ -29,7 +30,7 @@ from switchkd.trainer.ds_config import deep_merge
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-class ConfigError(ValueError):
+class ConfigError(SwitchkdError, ValueError):
     """A user error in a config file or override; its message is one line for the user."""
 
 

@@ -39,12 +39,12 @@ from switchkd.cluster.config import ConfigError
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
                                         plan_placement, ray_session)
 from switchkd.cluster.sync import WeightSync, sync_root
-from switchkd.rollout import schema
-from switchkd.rollout.data import PromptError, load_prompts
-from switchkd.rollout.engines import ENGINE_DIED, InBackground, start_engines
+from switchkd.rollout.data import schema
+from switchkd.rollout.data.prompts import PromptError, load_prompts
+from switchkd.rollout.engines.actors import ENGINE_DIED, InBackground, start_engines
 from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
-from switchkd.rollout.models import check_pair
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.models.checks import check_pair
+from switchkd.rollout.data.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
 from switchkd.trainer import checkpoint
 from switchkd.trainer.ds_config import TrainerError

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 from switchkd.cluster.config import ConfigError, load_config
-from switchkd.rollout.eval_stats import METRICS, compare
-from switchkd.rollout.evaluate import write_report
+from switchkd.rollout.evaluation.stats import METRICS, compare
+from switchkd.rollout.evaluation.evaluate import write_report
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ DISTIL_SFT_RATIO = 0.5
 
 def prepare_defaults(models_dir: str = "models", data_path: str = "data/default.jsonl") -> None:
     """The default teacher/student pair and data set (both cached: seconds when already there)."""
-    from switchkd.rollout.data import prepare_default_data
-    from switchkd.rollout.real_models import prepare_default_models
+    from switchkd.rollout.data.prompts import prepare_default_data
+    from switchkd.rollout.models.real import prepare_default_models
 
     prepare_default_models(models_dir)
     prepare_default_data(data_path)
@@ -78,7 +78,7 @@ def eval_stage(config: str, overrides: list[str], model_dir: str, out_json: Path
     ``teacher_report``, an eval of the same prompts, lends its teacher answers."""
     if out_json.is_file():
         return json.loads(out_json.read_text())
-    from switchkd.rollout.evaluate import rollout_teacher_fraction, run_eval, teacher_answers_of
+    from switchkd.rollout.evaluation.evaluate import rollout_teacher_fraction, run_eval, teacher_answers_of
 
     cfg = load_config(config, overrides)
     report = run_eval(cfg.model, cfg.data, cfg.rollout, model_dir, max_prompts=max_prompts,

@@ -17,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from switchkd.rollout.local_ray import init_local_ray
+from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.local_ray import init_ray
 
 TEACHER, STUDENT, TRAINER = "teacher engine", "student engine", "trainer rank"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(SwitchkdError, RuntimeError):
     """The cluster cannot host the plan, or cannot be reached; one line for the user."""
 
 
@@ -127,11 +128,11 @@ def ray_session(cluster, plan: PlacementPlan):
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            init_ray(address, log_to_driver=True)
         else:
             need = plan.totals()
             cpus = cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(need.get("CPU", 0)))
-            init_local_ray(num_cpus=cpus, num_gpus=cluster.num_gpus, log_to_driver=True)
+            init_ray(num_cpus=cpus, num_gpus=cluster.num_gpus, log_to_driver=True)
     except ConnectionError as e:
         raise ClusterError(f"cluster.address={address}: cannot connect to Ray ({e})") from None
     try:

@@ -3,13 +3,14 @@ teacher-token fraction by response position, ROUGE-L by reference-length bucket.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from switchkd.rollout.io import atomic_write
 
 
 def plot_loss(metrics: dict[str, Path], out: Path) -> Path:
@@ -41,8 +42,8 @@ def plot_by_bucket(reports: dict[str, dict | list[dict]], out: Path, mode: str =
                    metric: str = "rougeL") -> Path:
     """Grouped bars: ``metric`` per reference-length bucket (and overall) for each label's eval
     report(s); several reports per label (seeds) give mean and standard-deviation error bars."""
-    from switchkd.rollout.eval_stats import METRICS
-    from switchkd.rollout.evaluate import bucket_labels
+    from switchkd.rollout.evaluation.stats import METRICS
+    from switchkd.rollout.evaluation.evaluate import bucket_labels
 
     labels = list(reports)
     present = {b for runs in reports.values() for r in (runs if isinstance(runs, list) else [runs])
@@ -90,9 +91,6 @@ def _save(fig, ax, out: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from switchkd.rollout.engines import ENGINE_DIED
+from switchkd.rollout.engines.actors import ENGINE_DIED
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
-from switchkd.rollout.weight_sync_shm import default_root, prune
+from switchkd.rollout.weight_sync.shm import default_root, prune
 
 log = logging.getLogger(__name__)
 # Largest total-variation distance between engine and trainer next-token distributions that

@@ -36,7 +36,7 @@ SPLITS = ("train", "validation", "test", "all")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Prompts and reference responses (switchkd.rollout.data reads them)."""
+    """Prompts and reference responses (switchkd.rollout.data.prompts reads them)."""
     prompts: str = "configs/prompts/tiny.jsonl"   # JSONL, Parquet, or an HF `datasets` directory
     max_prompts: Optional[int] = bounded(None, lo=1)   # of the chosen split
     max_prompt_tokens: int = bounded(512, lo=1)        # longer prompts are skipped and counted

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from switchkd.rollout import schema
+from switchkd.rollout.data import schema
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
-from switchkd.rollout.data import PromptError, load_prompts
-from switchkd.rollout.models import check_pair
-from switchkd.rollout.sequences import SequenceBuilder
+from switchkd.rollout.data.prompts import PromptError, load_prompts
+from switchkd.rollout.models.checks import check_pair
+from switchkd.rollout.data.sequences import SequenceBuilder
 
 POSITION_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -57,21 +57,21 @@ def build_generator(model: ModelConfig, rollout: RolloutConfig, eos_ids: set[int
     (teacher, student EngineHandles) are used when given, started from the config otherwise."""
     reference = rollout.source == "reference"
     if rollout.engine == "hf":
-        from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
+        from switchkd.rollout.models.hf_reference import HFSwitchGenerator, load_hf_model
 
         teacher = load_hf_model(model.teacher, model.dtype, model.trust_remote_code)
         student = load_hf_model(model.student, model.dtype, model.trust_remote_code)
         if reference:
-            from switchkd.rollout.reference import HFScorer, ReferenceGenerator
+            from switchkd.rollout.data.reference import HFScorer, ReferenceGenerator
 
             return ReferenceGenerator(HFScorer(teacher, student, pad_id), rollout, eos_ids)
         return HFSwitchGenerator(teacher, student, rollout, eos_ids, pad_id=pad_id)
     if reference:
-        from switchkd.rollout.engines import start_engines
-        from switchkd.rollout.reference import ReferenceGenerator, VLLMScorer
+        from switchkd.rollout.engines.actors import start_engines
+        from switchkd.rollout.data.reference import ReferenceGenerator, VLLMScorer
 
         return ReferenceGenerator(VLLMScorer(*(engines or start_engines(model, rollout))), rollout, eos_ids)
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+    from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
     return VLLMSwitchGenerator(model, rollout, eos_ids, engines=engines)
 

@@ -1,6 +1,6 @@
 """Listeners on 127.0.0.1 only, for what switchkd starts on one node: a private Ray (the closed
-loop, multi-worker train-offline, Ray-actor engines) and torch.distributed rendezvous stores
-(the trainer's process group, the collective weight-sync group)."""
+loop, multi-worker train-offline, Ray-actor engines), torch.distributed rendezvous stores
+(the trainer's process group, the collective weight-sync group) and the free ports they take."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 _RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": Ray's node IP is 127.0.0.1 (single node)
 
 
-def init_local_ray(**kwargs) -> None:
-    """Start a private single-node Ray whose every listener is on 127.0.0.1 (no dashboard).
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Join the Ray cluster at ``address``; without one, start a private single-node Ray whose every
+    listener is on 127.0.0.1 (no dashboard). Every ``ray.init`` of switchkd is this one.
 
     ``address="local"``: a new instance even when another Ray runs on this machine (ray.init's
     default would join the last one started, via /tmp/ray/ray_current_cluster). Ray 2.60 turns
@@ -24,6 +25,9 @@ def init_local_ray(**kwargs) -> None:
     import ray
     from ray._private import ray_constants
 
+    if address:
+        ray.init(address=address, **kwargs)
+        return
     saved_env, saved_flag = os.environ.get(_RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_RAY_LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # Ray's processes inherit the env
     try:
@@ -53,3 +57,10 @@ def tcp_store(host: str, port: int, world: int, is_master: bool, timeout_s: floa
         sock.close()
         raise
     return dist.TCPStore(host, port, world, True, timeout, master_listen_fd=sock.detach())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,6 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """{'teacher': Path, 'student': Path} of the seed-0 tiny pair."""
-    from switchkd.rollout.tiny_models import build_tiny_models
+    from switchkd.rollout.models.tiny import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)

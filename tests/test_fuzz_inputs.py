@@ -1,7 +1,7 @@
 """Bad-input fuzz: hundreds of generated bad configs, data rows, model directories and rollout files.
 
-Every bad input must end in one of two ways: a user error (the types in
-switchkd.cluster.cli.USER_ERRORS) whose message is one line naming the key / file / row and the
+Every bad input must end in one of two ways: a user error (a
+switchkd.rollout.errors.SwitchkdError) whose message is one line naming the key / file / row and the
 problem, or -- for a bad row of an otherwise usable data file -- the row skipped and counted under
 its reason while the good rows still load. Any other exception (a traceback for the user) or a bad
 input accepted silently fails the test, which lists every such case at once.
@@ -31,13 +31,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from switchkd.cluster.cli import USER_ERRORS
 from switchkd.cluster.config import Config, all_keys, load_config
 from switchkd.cluster.placement import plan_placement
-from switchkd.rollout import schema
+from switchkd.rollout.data import schema
 from switchkd.rollout.config import DataConfig
-from switchkd.rollout.data import load_examples, load_prompts
-from switchkd.rollout.models import CPU_HEAD_SIZES, check_pair, read_model_config
+from switchkd.rollout.data.prompts import load_examples, load_prompts
+from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.models.checks import CPU_HEAD_SIZES, check_pair, read_model_config
 from switchkd.trainer.offline import load_rollouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ class Fuzz:
         self.tried += 1
         try:
             fn()
-        except USER_ERRORS as e:
+        except SwitchkdError as e:
             message = str(e)
             if "\n" in message or not message.strip():
                 self.problems.append(f"{label}: error is not one line: {message!r}")

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from switchkd.rollout import schema
-from switchkd.rollout.schema import SchemaError
+from switchkd.rollout.data import schema
+from switchkd.rollout.data.schema import SchemaError
 
 _LOGPROB_TOLERANCE = 1e-3  # rounding slack for "probabilities sum to at most 1"
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from switchkd.rollout.errors import SwitchkdError
 from switchkd.trainer.config import TrainerConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-class TrainerError(ValueError):
+class TrainerError(SwitchkdError, ValueError):
     """A user error on the trainer side (config, checkpoints, devices); one line for the user."""
 
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from switchkd.rollout.local_ray import init_local_ray
-from switchkd.rollout.models import check_pair, read_model_config
+from switchkd.rollout.local_ray import free_port, init_ray
+from switchkd.rollout.models.checks import check_pair, read_model_config
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import check_references, check_rows, reference_tokens
 from switchkd.trainer.ds_config import TrainerError, build_ds_config, lr_factor, resolve_device
 from switchkd.trainer.export import check_new_dir
 from switchkd.trainer.metrics import MetricsLogger
-from switchkd.trainer.worker import TrainWorker, free_port
+from switchkd.trainer.worker import TrainWorker
 
 
 class Trainer:
@@ -73,7 +73,7 @@ class Trainer:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
-            init_local_ray(num_cpus=max(1, int(self.tc.num_workers * self.tc.cpus_per_worker)))
+            init_ray(num_cpus=max(1, int(self.tc.num_workers * self.tc.cpus_per_worker)))
             self._ray_started = True
         gpus = 1 if self.device == "cuda" else 0
         bundle = {"CPU": self.tc.cpus_per_worker, **({"GPU": gpus} if gpus else {})}

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from switchkd.rollout.models import read_model_config
-from switchkd.rollout.schema import read_rollouts
+from switchkd.rollout.models.checks import read_model_config
+from switchkd.rollout.data.schema import read_rollouts
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import check_references, check_rows
 from switchkd.trainer.ds_config import TrainerError

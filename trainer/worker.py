@@ -9,7 +9,6 @@ that ZeRO-3's parameter gathers stay in lockstep.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 from datetime import timedelta
@@ -19,7 +18,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from switchkd.rollout.local_ray import tcp_store
+from switchkd.rollout.local_ray import free_port, tcp_store
 from switchkd.trainer import checkpoint
 from switchkd.trainer.batch import collate, collate_reference
 from switchkd.trainer.ds_config import build_ds_config, lr_factor
@@ -47,7 +46,7 @@ class TrainWorker:
         self.rank, self.world = rank, world_size
         self.device_kind, self.total_steps, self.pad_id = device, total_steps, pad_id
         self.in_actor = in_actor
-        self.sync_group = None
+        self.sync_sender = None  # rank 0, collective: the CollectiveSender of the weight-sync group
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it (rank 0's is the process-group rendezvous)."""
@@ -90,7 +89,7 @@ class TrainWorker:
                                                dist_init_required=False)
         self.teacher = None
         if self.tc.teacher_source == "model":
-            from switchkd.rollout.hf_reference import load_hf_model
+            from switchkd.rollout.models.hf_reference import load_hf_model
 
             self.teacher = load_hf_model(self.cfg.model.teacher, self.cfg.model.dtype,
                                          self.cfg.model.trust_remote_code).to(self.device)
@@ -202,33 +201,27 @@ class TrainWorker:
 
     def init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
         """Rank 0 hosts the collective weight-sync group (rank 0 of ``world``); other ranks do nothing."""
-        from switchkd.rollout.weight_sync_collective import new_group
+        from switchkd.rollout.weight_sync import CollectiveSender
+        from switchkd.rollout.weight_sync.collective import new_group
 
         if self.rank == 0:
             device = self.device if backend == "nccl" else torch.device("cpu")
-            self.sync_group = (new_group(backend, host, port, 0, world, timeout_s), timeout_s, device)
+            self.sync_sender = CollectiveSender(new_group(backend, host, port, 0, world, timeout_s), device, timeout_s)
 
     def push_weights(self, transport: str, version: int, root: str | None) -> dict | None:
         """Collective: gather the full student; rank 0 sends it as ``version`` in the model dtype
         (shm: a version directory under ``root``) and returns the engine's SyncTicket as a dict."""
-        from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
+        from switchkd.rollout.weight_sync import ShmSender, WeightSyncError
 
         state = self.full_state_dict()
         if self.rank != 0:
             return None
         dtype = getattr(torch, self.cfg.model.dtype)
         state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
-        if transport == "shm":
-            from switchkd.rollout.weight_sync_shm import write_weights
-
-            return SyncTicket(version, "shm", str(write_weights(root, version, state))).to_dict()
-        from switchkd.rollout.weight_sync_collective import send_weights
-
-        if self.sync_group is None:
+        sender = ShmSender(root) if transport == "shm" else self.sync_sender
+        if sender is None:
             raise WeightSyncError("collective weight sync: trainer rank 0 has not joined a sync group")
-        group, timeout_s, device = self.sync_group
-        send_weights(group, state, version, device, timeout_s)
-        return SyncTicket(version, "collective").to_dict()
+        return sender.send(state, version).to_dict()
 
     def export(self, out_dir: str, tokenizer_dir: str) -> None:
         state = self.full_state_dict()
@@ -246,12 +239,6 @@ class TrainWorker:
 def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
     """Right-pad the last dimension of ``t`` to ``width`` with ``value``."""
     return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _init_process_group(backend: str, rank: int, world: int, addr: str, port: int, timeout_s: float) -> None:

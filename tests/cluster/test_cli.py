@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from switchkd.rollout.schema import read_rollouts
+from switchkd.rollout.data.schema import read_rollouts
 
 REPO = Path(__file__).resolve().parents[2]
 SWITCHKD = [sys.executable, "-m", "switchkd.cluster.cli"]

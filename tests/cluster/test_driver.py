@@ -142,7 +142,7 @@ def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_loop(tmp_path):
 
 def _ray_processes() -> int:
     """Ray's daemons and lockstep teacher processes (children of engine actors) running now."""
-    pattern = "raylet|gcs_server|switchkd.rollout.lockstep_process"
+    pattern = "raylet|gcs_server|switchkd.rollout.engines.lockstep_process"
     return len(subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split())
 
 
@@ -189,7 +189,7 @@ def test_train_runs_the_closed_loop(tiny_models, tmp_path, clean_machine, transp
     expected = [0, 1, 1] if staleness else [0, 0, 0]
     assert [m["staleness"] for m in metrics] == expected
     assert [m["batch_policy_version"] for m in metrics] == ([0, 0, 1] if staleness else [0, 1, 2])
-    from switchkd.rollout.schema import read_rollouts
+    from switchkd.rollout.data.schema import read_rollouts
 
     versions = [read_rollouts(run / "rollouts" / f"step_{s:06d}.parquet").column("policy_version").to_pylist()
                 for s in range(3)]
@@ -239,8 +239,8 @@ def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_mode
 
     from transformers import AutoTokenizer
 
-    from switchkd.rollout.data import load_prompts
-    from switchkd.rollout.schema import read_rollouts
+    from switchkd.rollout.data.prompts import load_prompts
+    from switchkd.rollout.data.schema import read_rollouts
 
     args = _config(tiny_models, tmp_path, "trainer.epochs=3", f"rollout.mode={mode}")  # the kill lands mid-run
     proc = subprocess.Popen([*SWITCHKD, "train", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -340,7 +340,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_models, tmp_path)
 
     from safetensors.torch import load_file
 
-    from switchkd.rollout.schema import read_rollouts
+    from switchkd.rollout.data.schema import read_rollouts
 
     common = ("loop.max_staleness=0", "trainer.save_every=1", "data.max_prompts=16", "trainer.max_steps=4")
     straight = _train(_config(tiny_models, tmp_path / "a", *common))

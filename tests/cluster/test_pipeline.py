@@ -11,7 +11,7 @@ from test_driver import clean_machine  # noqa: F401  (fixture: no Ray process or
 
 from switchkd.cluster.config import ConfigError
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO, run_pipeline, summary_lines
-from switchkd.rollout.data import prepare_default_data
+from switchkd.rollout.data.prompts import prepare_default_data
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from switchkd.trainer.worker import free_port
+from switchkd.rollout.local_ray import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -81,7 +81,7 @@ def test_private_ray_listens_on_loopback_only():
 
 def test_local_teacher_server_binds_loopback_and_gets_a_generated_key(tiny_models, monkeypatch):
     """The command line and environment start_local_server hands to vLLM (nothing is started here)."""
-    from switchkd.rollout import teacher_server
+    from switchkd.rollout.engines import teacher_launcher
 
     seen = {}
 
@@ -92,9 +92,9 @@ def test_local_teacher_server_binds_loopback_and_gets_a_generated_key(tiny_model
         def poll(self):
             return None
 
-    monkeypatch.setattr(teacher_server.subprocess, "Popen", FakePopen)
-    url, key, proc = teacher_server.start_local_server(tiny_models["teacher"], wait=False)
-    teacher_server._STARTED.discard(proc)
+    monkeypatch.setattr(teacher_launcher.subprocess, "Popen", FakePopen)
+    url, key, proc = teacher_launcher.start_local_server(tiny_models["teacher"], wait=False)
+    teacher_launcher._STARTED.discard(proc)
     Path(proc.log_path).unlink(missing_ok=True)
     cmd = seen["cmd"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and url.startswith("http://127.0.0.1:")
@@ -105,7 +105,7 @@ def test_local_teacher_server_binds_loopback_and_gets_a_generated_key(tiny_model
 
 
 def test_in_process_vllm_engine_listens_on_loopback_only(tiny_models):
-    from switchkd.rollout.vllm_engine import VLLMEngine
+    from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
     me = psutil.Process()
     children, own = {p.pid for p in me.children(recursive=True)}, _listeners([me])
@@ -121,8 +121,9 @@ def test_in_process_vllm_engine_listens_on_loopback_only(tiny_models):
 
 _STORE_PROBE = """
 import json, psutil
-from switchkd.trainer.worker import _init_process_group, free_port
-from switchkd.rollout.weight_sync_collective import new_group
+from switchkd.rollout.local_ray import free_port
+from switchkd.rollout.weight_sync.collective import new_group
+from switchkd.trainer.worker import _init_process_group
 _init_process_group("gloo", 0, 1, "127.0.0.1", free_port(), 60)   # the trainer's group (train, train-offline)
 group = new_group("gloo", "127.0.0.1", free_port(), 0, 1, 60)      # the collective weight-sync group
 print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]))
@@ -170,7 +171,7 @@ def open_umask():
 
 
 def test_weight_sync_files_are_owner_only(tmp_path, open_umask):
-    from switchkd.rollout.weight_sync_shm import default_root, write_weights
+    from switchkd.rollout.weight_sync.shm import default_root, write_weights
 
     root = tmp_path / "sync"
     version = write_weights(root, 3, {"w": torch.arange(4.0)})
@@ -227,7 +228,7 @@ ALLOWED = {
     ("trainer/worker.py", "self.engine.load_checkpoint(ckpt_dir, tag=DS_TAG)"):
         "DeepSpeed's own engine state (torch.load inside DeepSpeed), read only on --resume of the user's own run "
         "from trainer.output_dir/checkpoints, which switchkd creates owner-only (0700)",
-    ("rollout/data.py", "yaml.load(path.read_text(encoding='utf-8'), Loader=loader)"):
+    ("rollout/data/prompts.py", "yaml.load(path.read_text(encoding='utf-8'), Loader=loader)"):
         "loader = getattr(yaml, 'CSafeLoader', yaml.SafeLoader): the safe loader, C-accelerated when available",
 }
 
@@ -316,7 +317,7 @@ def test_no_pickle_of_untrusted_data_or_hard_coded_remote_code():
                 found.append(f"{rel}:{line}: {problem}: {call}")
     assert not found, "unsafe loading in the package sources:\n" + "\n".join(found)
     assert used == set(ALLOWED), f"allow-list entries no longer needed: {set(ALLOWED) - used}"
-    assert 'loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)' in (REPO / "rollout/data.py").read_text()
+    assert 'loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)' in (REPO / "rollout/data/prompts.py").read_text()
 
 
 def test_trust_remote_code_is_off_unless_the_config_turns_it_on(tiny_models, monkeypatch):
@@ -325,7 +326,10 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(tiny_models, mon
         assert load_config(path).model.trust_remote_code is False, f"{path.name} turns trust_remote_code on"
 
     import transformers
-    from switchkd.rollout import engines, generate, hf_reference, teacher_server
+    from switchkd.rollout import generate
+    from switchkd.rollout.engines import actors as engines
+    from switchkd.rollout.engines import teacher_client
+    from switchkd.rollout.models import hf_reference
 
     real_load_hf_model = hf_reference.load_hf_model
     seen = []
@@ -336,7 +340,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(tiny_models, mon
 
     monkeypatch.setattr(hf_reference, "load_hf_model", lambda path, dtype, trust=False: seen.append(("hf", trust)))
     monkeypatch.setattr(hf_reference, "HFSwitchGenerator", lambda *a, **k: None)
-    monkeypatch.setattr(teacher_server, "launch_teacher",
+    monkeypatch.setattr(teacher_client, "launch_teacher",
                         lambda path, **kw: seen.append(("server", "--trust-remote-code" in kw["extra_args"])))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     for trust in (False, True):
@@ -345,7 +349,7 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on(tiny_models, mon
                             trust_remote_code=trust)
         assert engines.engine_kwargs(model.student, model, EngineConfig(), 0)["trust_remote_code"] is trust  # vLLM
         generate.build_generator(model, RolloutConfig(engine="hf"), {2})                  # HF teacher and student
-        teacher_server.teacher_from_config(model.teacher, model, EngineConfig(server=ServerConfig(url="local")))
+        teacher_client.teacher_from_config(model.teacher, model, EngineConfig(server=ServerConfig(url="local")))
         with pytest.raises(RuntimeError, match="stop here"):
             real_load_hf_model(model.student, "float32", model.trust_remote_code)           # -> transformers
         assert seen == [("hf", trust), ("hf", trust), ("server", trust), ("transformers", trust, True)], seen

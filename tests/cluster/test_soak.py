@@ -25,8 +25,8 @@ def test_soak_with_random_engine_kills(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
     from switchkd.cluster.config import load_config
-    from switchkd.rollout.data import load_prompts
-    from switchkd.rollout.schema import read_rollouts
+    from switchkd.rollout.data.prompts import load_prompts
+    from switchkd.rollout.data.schema import read_rollouts
 
     rng = random.Random(1234)
     shm_before = _shm_entries()

@@ -9,7 +9,7 @@ import pytest
 
 from switchkd.cluster.config import load_config
 from switchkd.cluster.sync import WeightSync, sync_root
-from switchkd.rollout.engines import EngineHandle
+from switchkd.rollout.engines.actors import EngineHandle
 from switchkd.rollout.weight_sync import WeightSyncError, check_newer
 
 

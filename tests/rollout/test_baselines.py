@@ -16,10 +16,10 @@ import pytest
 from switchkd.cluster.config import ConfigError, load_config, to_dict
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig
-from switchkd.rollout.data import PromptError
+from switchkd.rollout.data.prompts import PromptError
 from switchkd.rollout.generate import build_generator
-from switchkd.rollout.reference import HFScorer, ReferenceGenerator, VLLMScorer, reference_response
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.data.reference import HFScorer, ReferenceGenerator, VLLMScorer, reference_response
+from switchkd.rollout.data.sequences import Prompt
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINES = REPO / "configs" / "baselines"
@@ -75,8 +75,8 @@ class _FakeEngine:
 
 @pytest.mark.parametrize("source", ["generate", "reference"])
 def test_one_factory_builds_every_method(tiny_models, source):
-    from switchkd.rollout.hf_reference import HFSwitchGenerator
-    from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+    from switchkd.rollout.models.hf_reference import HFSwitchGenerator
+    from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
     model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
     engines = (_FakeEngine(), _FakeEngine())
@@ -133,7 +133,7 @@ def test_train_on_reference_responses_end_to_end(tiny_models, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["policy_version"] for m in metrics] == [1, 2]
     assert all(m["teacher_fraction"] == 1.0 and m["sft_loss"] > 0 for m in metrics)
-    from switchkd.rollout.schema import read_rollouts
+    from switchkd.rollout.data.schema import read_rollouts
 
     for step in range(2):
         table = read_rollouts(run / "rollouts" / f"step_{step:06d}.parquet").to_pylist()

@@ -10,10 +10,10 @@ import pytest
 
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.rollout.config import DataConfig
-from switchkd.rollout.data import (PromptError, load_examples, prepare_default_data, read_rows, split_of,
+from switchkd.rollout.data.prompts import (PromptError, load_examples, prepare_default_data, read_rows, split_of,
                                    uses_chat_template)
 from switchkd.rollout.generate import load_prompts
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 from switchkd.rollout.switch import prompt_seed
 
 ALL = {"split": "all"}

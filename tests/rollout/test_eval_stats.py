@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from switchkd.rollout.data import Example
-from switchkd.rollout.eval_stats import compare, compare_lines, paired_bootstrap, seeded_sample
-from switchkd.rollout.evaluate import Decoded, drawn_logprobs, score_responses
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.data.prompts import Example
+from switchkd.rollout.evaluation.stats import compare, compare_lines, paired_bootstrap, seeded_sample
+from switchkd.rollout.evaluation.evaluate import Decoded, drawn_logprobs, score_responses
+from switchkd.rollout.data.sequences import Prompt
 
 EOS = 0
 

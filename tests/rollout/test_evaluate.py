@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from switchkd.cluster.config import load_config
-from switchkd.rollout import schema
-from switchkd.rollout.evaluate import bucket_labels, length_bucket, rollout_teacher_fraction, rouge_l, run_eval
+from switchkd.rollout.data import schema
+from switchkd.rollout.evaluation.evaluate import bucket_labels, length_bucket, rollout_teacher_fraction, rouge_l, run_eval
 
 REPO = Path(__file__).resolve().parents[2]
 SWITCHKD = [sys.executable, "-m", "switchkd.cluster.cli"]
@@ -104,7 +104,7 @@ def hf_logprobs(model_dir, prompt_ids, response_ids):
 def test_eval_teacher_metrics_match_hf_forwards(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models, "rollout.temperature=1.0")
     report = evaluate(cfg, write_jsonl(tmp_path / "p.jsonl", PROMPTS))
-    from switchkd.rollout.data import load_examples
+    from switchkd.rollout.data.prompts import load_examples
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["student"])

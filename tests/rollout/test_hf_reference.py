@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from switchkd.rollout.config import RolloutConfig, SwitchConfig
-from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.models.hf_reference import HFSwitchGenerator, load_hf_model
+from switchkd.rollout.data.sequences import Prompt
 
 EOS = 2
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from switchkd.rollout.models import ModelError, check_pair
+from switchkd.rollout.models.checks import ModelError, check_pair
 
 
 def _copy(src, dst, **config_changes):

@@ -3,8 +3,8 @@ import pytest
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.generate import run_generate
-from switchkd.rollout.local_ray import init_local_ray
-from switchkd.rollout.schema import read_rollouts
+from switchkd.rollout.local_ray import init_ray
+from switchkd.rollout.data.schema import read_rollouts
 
 
 @pytest.mark.parametrize("mode", ["lockstep", "block"])
@@ -17,7 +17,7 @@ def test_ray_actor_engines_match_in_process(tiny_models, tmp_path, mode):
     data = DataConfig(prompts=str(prompts))
     cfg = RolloutConfig(engine="vllm", mode=mode, temperature=1.0, max_new_tokens=24)
     run_generate(model, data, cfg, str(tmp_path / "local.parquet"))
-    init_local_ray(num_cpus=2, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)
     try:
         import dataclasses
 
@@ -38,13 +38,13 @@ def test_wait_until_ready_waits_for_a_restart_and_fails_fast_on_a_dead_actor():
     ray = pytest.importorskip("ray")
     from ray.exceptions import ActorDiedError
 
-    from switchkd.rollout.engines import EngineHandle
+    from switchkd.rollout.engines.actors import EngineHandle
 
     class Engine:
         def version(self):
             return os.getpid()
 
-    init_local_ray(num_cpus=2, log_to_driver=False)
+    init_ray(num_cpus=2, log_to_driver=False)
     try:
         for max_restarts in (1, 0):
             actor = ray.remote(num_cpus=0)(Engine).options(max_restarts=max_restarts, max_task_retries=0).remote()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from switchkd.rollout import real_models
-from switchkd.rollout.models import ModelError, check_pair
-from switchkd.rollout.real_models import (
+from switchkd.rollout.models import real as real_models
+from switchkd.rollout.models.checks import ModelError, check_pair
+from switchkd.rollout.models.real import (
     build_layer_subset_dir, check_layers, layer_subset_state_dict, parse_layers, prepare_default_models,
 )
 
@@ -153,7 +153,7 @@ def test_vllm_loads_and_agrees_with_hf(prepared, role, max_mean_jsd):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from switchkd.rollout.switch import jsd
-    from switchkd.rollout.vllm_engine import VLLMEngine
+    from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
     path = prepared[1][role]
     tok = AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,7 @@
 import pyarrow.parquet as pq
 import pytest
 
-from switchkd.rollout import schema
+from switchkd.rollout.data import schema
 
 
 def _row(**changes):

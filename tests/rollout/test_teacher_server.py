@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import sys
 import threading
 import time
@@ -19,17 +18,15 @@ import pytest
 import torch
 
 from switchkd.rollout import switch
-from switchkd.rollout.models import ModelError
-from switchkd.rollout.teacher_server import (
-    POSITION_KEY,
-    SEED_KEY,
-    TEMPERATURE_KEY,
+from switchkd.rollout.models.checks import ModelError
+from switchkd.rollout.engines.teacher_client import POSITION_KEY, SEED_KEY, TEMPERATURE_KEY, ServerTeacher
+from switchkd.rollout.engines.teacher_launcher import (
     ServerError,
-    ServerTeacher,
     start_local_server,
     stop_local_server,
     wait_for_server,
 )
+from switchkd.rollout.local_ray import free_port
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 100, 7, 300, 12, 9, 77, 5, 250]]
 
@@ -61,10 +58,10 @@ def test_local_server_rejects_bad_model_dir(tmp_path):
 
 
 def test_local_server_dying_at_start_shows_log_tail(tiny_models, monkeypatch, tmp_path):
-    from switchkd.rollout import teacher_server
+    from switchkd.rollout.engines import teacher_launcher
 
     crash = [sys.executable, "-c", "import sys; print('loading...'); print('RuntimeError: no luck'); sys.exit(3)"]
-    monkeypatch.setattr(teacher_server, "server_command", lambda *a, **k: crash)
+    monkeypatch.setattr(teacher_launcher, "server_command", lambda *a, **k: crash)
     with pytest.raises(ServerError, match="exited with code 3") as e:
         start_local_server(tiny_models["teacher"], startup_timeout_s=30, log_path=tmp_path / "server.log")
     assert "RuntimeError: no luck" in str(e.value)
@@ -228,10 +225,7 @@ def test_server_killed_mid_run_fails_clearly_after_retries():
 
 
 def test_unreachable_server_fails_after_retries_quickly():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
     t0 = time.monotonic()
     with pytest.raises(ServerError, match="cannot connect") as e:
         client(url, max_retries=2, backoff_s=0.05)
@@ -240,18 +234,18 @@ def test_unreachable_server_fails_after_retries_quickly():
 
 
 def test_teacher_from_config(monkeypatch):
-    from switchkd.rollout import teacher_server
     from switchkd.rollout.config import EngineConfig, ModelConfig, ServerConfig
+    from switchkd.rollout.engines import teacher_client
 
     with FakeServer() as fake:
         engine = EngineConfig(server=ServerConfig(url=fake.url + "/v1", api_key="k", timeout_s=2.0, max_retries=1))
-        t = teacher_server.teacher_from_config("unused", ModelConfig(), engine)
+        t = teacher_client.teacher_from_config("unused", ModelConfig(), engine)
         assert t.url == fake.url and t.max_retries == 1 and t.vocab_size == V and t.process is None
         t.shutdown()
     seen = {}
-    monkeypatch.setattr(teacher_server, "launch_teacher", lambda path, **kw: seen.update(path=path, **kw))
-    monkeypatch.setenv(teacher_server.API_KEY_ENV, "from-env")
-    teacher_server.teacher_from_config("models/t", ModelConfig(dtype="bfloat16"),
+    monkeypatch.setattr(teacher_client, "launch_teacher", lambda path, **kw: seen.update(path=path, **kw))
+    monkeypatch.setenv(teacher_client.API_KEY_ENV, "from-env")
+    teacher_client.teacher_from_config("models/t", ModelConfig(dtype="bfloat16"),
                                        EngineConfig(threads="1", server=ServerConfig(url="local")))
     assert seen["path"] == "models/t" and seen["dtype"] == "bfloat16" and seen["api_key"] == "from-env"
     assert seen["threads"] == "1" and "--block-size" in seen["extra_args"]

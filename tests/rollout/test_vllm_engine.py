@@ -14,6 +14,7 @@ import torch
 vllm = pytest.importorskip("vllm")
 
 from switchkd.rollout import switch  # noqa: E402
+from switchkd.rollout.engines.switch_sampling import switch_extra_args  # noqa: E402
 
 EOS = 2
 ATOL_HF = 1e-4
@@ -21,14 +22,14 @@ ATOL_HF = 1e-4
 
 @pytest.fixture(scope="module")
 def fp():
-    from switchkd.rollout import vllm_fastpath
+    from switchkd.rollout.engines import fast_logprobs
 
-    return vllm_fastpath
+    return fast_logprobs
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_models):
-    from switchkd.rollout.vllm_engine import VLLMEngine
+    from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
     made = {}
     try:
@@ -313,7 +314,7 @@ def test_stop_tokens_and_zero_max_tokens(engines):
 def test_logits_processor_rejects_nonzero_temperature(engines, fp):
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=2, temperature=0.7, extra_args=fp.switch_extra_args(1, 0, 0.7))
+    sp = SamplingParams(max_tokens=2, temperature=0.7, extra_args=switch_extra_args(1, 0, 0.7))
     with pytest.raises(Exception, match="temperature=0"):  # VLLMValidationError
         _generate(engines["student"].llm, [[5, 6, 7]], sp)
 
@@ -323,7 +324,9 @@ def test_logits_processor_rejects_nonzero_temperature(engines, fp):
 
 def test_patch_targets_unchanged(fp):
     """Fails loudly when vLLM changes what the fast path patches or relies on."""
-    assert fp.VLLM_VERSION == "0.32.0"
+    from switchkd.rollout.engines.vllm_version import VLLM_VERSION
+
+    assert VLLM_VERSION == "0.32.0"
     for owner, name, sig in fp.PATCH_TARGETS:
         assert hasattr(owner, name), f"{owner.__name__}.{name} is gone"
         original = fp.ORIGINALS.get(f"{owner.__name__}.{name}", getattr(owner, name))
@@ -333,15 +336,19 @@ def test_patch_targets_unchanged(fp):
 
 
 def test_import_guard_rejects_other_vllm_versions(fp, monkeypatch):
-    monkeypatch.delenv(fp.ALLOW_ENV, raising=False)
+    from switchkd.rollout.engines import vllm_version
+
+    monkeypatch.delenv(vllm_version.ALLOW_ENV, raising=False)
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     try:
         with pytest.raises(ImportError, match=r"vllm==0\.32\.0.*vllm==0\.33\.0"):
-            importlib.reload(fp)
-        monkeypatch.setenv(fp.ALLOW_ENV, "1")
-        importlib.reload(fp)  # allowed by the escape hatch
+            importlib.reload(vllm_version)
+        monkeypatch.setenv(vllm_version.ALLOW_ENV, "1")
+        importlib.reload(vllm_version)  # allowed by the escape hatch
+        importlib.reload(fp)
         assert fp.installed()  # the patches survive a reload (state lives on the vllm module)
     finally:
-        monkeypatch.setattr(vllm, "__version__", fp.VLLM_VERSION)
-        monkeypatch.delenv(fp.ALLOW_ENV, raising=False)
+        monkeypatch.setattr(vllm, "__version__", vllm_version.VLLM_VERSION)
+        monkeypatch.delenv(vllm_version.ALLOW_ENV, raising=False)
+        importlib.reload(vllm_version)
         importlib.reload(fp)

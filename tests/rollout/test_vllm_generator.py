@@ -14,11 +14,11 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig, SwitchConfig
-from switchkd.rollout.engines import EngineHandle, PairEngine, StudentEngine, TeacherEngine, engine_kwargs
+from switchkd.rollout.engines.actors import EngineHandle, PairEngine, StudentEngine, TeacherEngine, engine_kwargs
 from switchkd.rollout.generate import build_generator
-from switchkd.rollout.hf_reference import HFSwitchGenerator, load_hf_model
-from switchkd.rollout.sequences import Prompt
-from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
+from switchkd.rollout.models.hf_reference import HFSwitchGenerator, load_hf_model
+from switchkd.rollout.data.sequences import Prompt
+from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
 
 EOS = 2
 SCHEDULES = [("exp", 0.42, 0.008), ("linear", 0.42, 0.005), ("const", 0.37, 0.0)]

@@ -2,7 +2,6 @@
 
 That lockstep rollouts equal the HF reference and the other modes is checked with them in
 test_vllm_generator.py; here are the parts only lockstep has."""
-import dataclasses
 import os
 import signal
 from types import SimpleNamespace
@@ -13,11 +12,11 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig, ServerConfig, SwitchConfig
-from switchkd.rollout.engines import EngineHandle, PairEngine, engine_kwargs
-from switchkd.rollout.lockstep_process import TeacherProcess
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
-from switchkd.rollout.vllm_generator import VLLMSwitchGenerator
-from switchkd.rollout.vllm_lockstep import Exchange, InlineTeacher, LockstepError
+from switchkd.rollout.engines.actors import EngineHandle, PairEngine, engine_kwargs
+from switchkd.rollout.engines.lockstep_process import TeacherProcess
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
+from switchkd.rollout.engines.lockstep import Exchange, InlineTeacher, LockstepError
 
 EOS = 2
 
@@ -171,7 +170,7 @@ def test_more_sequences_than_the_kv_caches_hold_are_admitted_as_others_finish(pa
 
 
 def test_lockstep_rollout_stopped_half_way_leaves_the_engines_clean(pair, monkeypatch):
-    from switchkd.rollout import vllm_lockstep
+    from switchkd.rollout.engines import lockstep as vllm_lockstep
 
     cfg = RolloutConfig(engine="vllm", mode="lockstep", temperature=1.0, max_new_tokens=48, batch_size=8,
                         switch=SwitchConfig(tau0=0.42, decay=0.008))

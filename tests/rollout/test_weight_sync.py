@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from switchkd.rollout.engines import StudentEngine, engine_kwargs
+from switchkd.rollout.engines.actors import StudentEngine, engine_kwargs
 from switchkd.rollout.weight_sync import SyncTicket, WeightSyncError
-from switchkd.rollout.weight_sync_collective import new_group, plan_buckets, receive_weights, send_weights
-from switchkd.rollout.weight_sync_shm import checksum_file, read_weights, write_weights
-from switchkd.trainer.worker import free_port
+from switchkd.rollout.weight_sync.collective import new_group, plan_buckets, receive_weights, send_weights
+from switchkd.rollout.weight_sync.shm import checksum_file, read_weights, write_weights
+from switchkd.rollout.local_ray import free_port
 
 IDS = [[1, 17, 33, 250, 7, 99, 12, 480, 5, 61]]
 

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from switchkd.cluster.cli import main
-from switchkd.rollout import schema
-from switchkd.rollout.schema import SchemaError
+from switchkd.rollout.data import schema
+from switchkd.rollout.data.schema import SchemaError
 from switchkd.trainer.batch import check_rows, collate
 from switchkd.trainer.offline import batch_rows, load_rollouts
 

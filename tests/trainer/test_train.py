@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from switchkd.cluster.cli import main
-from switchkd.rollout.local_ray import init_local_ray
+from switchkd.rollout.local_ray import init_ray
 from switchkd.trainer.group import Trainer
 from switchkd.trainer.offline import batch_rows, load_rollouts, train_offline
 
@@ -43,7 +43,7 @@ def test_two_workers_train_alike_on_every_zero_stage(make_cfg, rollout_file, tin
     table, _ = load_rollouts([str(rollout_file)], str(tiny_models["student"]))
     ids = torch.tensor([table.column("prompt_ids").to_pylist()[0] + table.column("response_ids").to_pylist()[0]])
     runs = {"1 worker, ZeRO-1": _train(make_cfg(output_dir=tmp_path / "single", batch_size=8), table, 4)}
-    init_local_ray(num_cpus=2)
+    init_ray(num_cpus=2)
     try:
         for stage in (1, 2, 3):
             cfg = make_cfg(output_dir=tmp_path / f"zero{stage}", zero_stage=stage, num_workers=2, batch_size=8)

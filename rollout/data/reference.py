@@ -27,8 +27,8 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import RolloutConfig
-from switchkd.rollout.data import PromptError
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.data.prompts import PromptError
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 
 log = logging.getLogger(__name__)
 NO_REFERENCE = "no reference response"

@@ -26,15 +26,16 @@ from itertools import pairwise
 from pathlib import Path
 
 from switchkd.rollout.config import DataConfig
-from switchkd.rollout.schema import write_atomic
-from switchkd.rollout.sequences import Prompt
+from switchkd.rollout.data.sequences import Prompt
+from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.io import atomic_write_bytes
 from switchkd.rollout.switch import prompt_seed
 
 DOLLY_SEPARATOR = "\n\n"
 _BATCH_ROWS = 1024
 
 
-class PromptError(ValueError):
+class PromptError(SwitchkdError, ValueError):
     """A data source that cannot be used at all; the message names the config key or file."""
 
 
@@ -299,7 +300,7 @@ def prepare_default_data(out: str | Path = DEFAULT_DATA_PATH) -> tuple[int, bool
     out = Path(out)
     if out.is_file() and out.read_bytes() == content:
         return len(rows), False
-    write_atomic(out, lambda f: f.write(content))
+    atomic_write_bytes(out, content)
     return len(rows), True
 
 

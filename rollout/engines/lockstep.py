@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from switchkd.rollout import switch
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 from switchkd.rollout.switch import topk_logprobs
-from switchkd.rollout.vllm_fastpath import RequestStateLogitsProcessor
+from switchkd.rollout.engines.switch_sampling import RequestStateLogitsProcessor
 
 LOCKSTEP_KEY = "switchkd_lockstep"   # SamplingParams.extra_args: (exchange id, role, sequence key)
 _EXCHANGES: dict[int, object] = {}   # exchange id -> its Exchange (in a teacher process: the parent link)

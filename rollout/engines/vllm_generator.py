@@ -1,6 +1,6 @@
 """SWITCH on two vLLM engines: lockstep (default), block-speculative and token-by-token (stepwise).
 
-Lockstep mode (vllm_lockstep) runs both engines in one process, one request per sequence
+Lockstep mode (lockstep) runs both engines in one process, one request per sequence
 each, stepping together; the token is decided inside vLLM's sampler. It is the fastest
 wherever both engines can share a process and device; block mode is for engines apart
 (separate actors or devices, a teacher behind a server).
@@ -57,8 +57,8 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import ModelConfig, RolloutConfig
-from switchkd.rollout.engines import start_engines
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.engines.actors import start_engines
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class VLLMSwitchGenerator:
 
     # -- lockstep -------------------------------------------------------------------------
     def _lockstep_batch(self, prompts: list[Prompt], on_tokens) -> list[SequenceBuilder]:
-        """Both engines step together (vllm_lockstep; the handle is a PairEngine's)."""
+        """Both engines step together (lockstep; the handle is a PairEngine's)."""
         seqs, (agreed, decided) = self.student.call("lockstep", prompts, self.rule, sorted(self.eos_ids),
                                                     self.cfg.max_new_tokens, self.cfg.teacher_topk)
         self.rule.agreed += agreed

@@ -31,7 +31,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 
 import torch
 
-from switchkd.rollout.vllm_lockstep import LOCKSTEP_KEY, LockstepError
+from switchkd.rollout.engines.lockstep import LOCKSTEP_KEY, LockstepError
 
 START_TIMEOUT_S = 600.0   # engine start-up in the child
 REPLY_TIMEOUT_S = 600.0   # one teacher step or command
@@ -176,8 +176,8 @@ class _ChildTeacher:
 
 def _serve(conn: Connection) -> None:
     """The child's loop: start the teacher engine, then run the parent's commands until "stop" or EOF."""
-    from switchkd.rollout import vllm_lockstep
-    from switchkd.rollout.engines import TeacherEngine
+    from switchkd.rollout.engines import lockstep
+    from switchkd.rollout.engines.actors import TeacherEngine
 
     try:
         engine = TeacherEngine(**conn.recv(), lockstep=True)
@@ -207,18 +207,18 @@ def _serve(conn: Connection) -> None:
             try:
                 if op == "add":
                     request_id, token_ids, params = arg
-                    vllm_lockstep.serve_exchange(params.extra_args[LOCKSTEP_KEY][0], side)
+                    lockstep.serve_exchange(params.extra_args[LOCKSTEP_KEY][0], side)
                     core.add_request(request_id, tokens_input(token_ids), params)
                 elif op == "step":
                     side.offers = 0
                     core.step()
                     conn.send(("stepped", side.offers))
                 elif op == "abort":
-                    vllm_lockstep.forget_exchanges()
+                    lockstep.forget_exchanges()
                     core.abort_request(arg)
                     conn.send(("done", None))
                 elif op == "unfinished":
-                    vllm_lockstep.forget_exchanges()
+                    lockstep.forget_exchanges()
                     conn.send(("done", core.has_unfinished_requests()))
                 elif op == "stop":
                     return

@@ -5,11 +5,13 @@ import json
 import os
 from pathlib import Path
 
+from switchkd.rollout.errors import SwitchkdError
+
 # Head sizes of vLLM 0.32's CPU attention backend (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-class ModelError(ValueError):
+class ModelError(SwitchkdError, ValueError):
     """A model directory that cannot be used; the message names the config key and the problem."""
 
 

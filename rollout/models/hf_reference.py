@@ -14,7 +14,7 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.config import RolloutConfig
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from switchkd.rollout.weight_sync import WeightSyncError
+from switchkd.rollout.weight_sync.interface import (
+    SyncTicket,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+    check_newer,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -110,3 +116,21 @@ def prune(root: str | Path, older_than: int) -> None:
     for path in Path(root).glob("v*"):
         if path.is_dir() and path.name[1:].isdigit() and int(path.name[1:]) < older_than:
             shutil.rmtree(path, ignore_errors=True)
+
+
+class ShmSender(WeightSender):
+    """Writes each version as a directory under ``root``; the ticket carries its path."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = root
+
+    def send(self, state: dict[str, torch.Tensor], version: int) -> SyncTicket:
+        return SyncTicket(version, "shm", str(write_weights(self.root, version, state)))
+
+
+class ShmReceiver(WeightReceiver):
+    """Reads the version directory a ticket names, refusing an old version before reading it."""
+
+    def receive(self, ticket: SyncTicket, current_version: int) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        check_newer(ticket.version, current_version)
+        return ticket.version, read_weights(ticket.path, ticket.version)

@@ -10,7 +10,7 @@ batched ``generate`` call:
 * ``score``: the next-token distributions of a model along given sequences from a start
   position on (teacher verification of a draft), reading the prefix cache.
 
-All full-vocab data comes through ``vllm_fastpath`` (no sort, no per-token Python objects).
+All full-vocab data comes through ``fast_logprobs`` (no sort, no per-token Python objects).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _configure_env(device: str, kv_cache_space_gb: float, threads: str) -> dict:
 
 class VLLMEngine:
     """Owns one in-process ``vllm.LLM`` with the fast log-prob path and SWITCH sampler.
-    ``lockstep=True`` makes one half of a lockstep pair (vllm_lockstep, engines.PairEngine):
+    ``lockstep=True`` makes one half of a lockstep pair (lockstep, actors.PairEngine):
     its logits processor, and no prefix caching, chunked prefill or async scheduling, so that
     both engines of the pair schedule every step alike."""
 
@@ -118,9 +118,11 @@ class VLLMEngine:
         self.max_model_len = int(max_model_len)
         extra = _configure_env(device, kv_cache_space_gb, str(threads))
 
-        from switchkd.rollout import vllm_fastpath, vllm_lockstep  # version guard at import
+        from switchkd.rollout.engines import fast_logprobs, switch_sampling  # vLLM version guard at import
+        from switchkd.rollout.engines.lockstep import LOGITS_PROCESSOR_FQCN as LOCKSTEP_PROCESSOR
+        from switchkd.rollout.weight_sync.vllm_worker import WORKER_EXTENSION_FQCN
 
-        vllm_fastpath.install()
+        fast_logprobs.install()
         from vllm import LLM
 
         kwargs = dict(
@@ -136,8 +138,8 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=True,
             skip_tokenizer_init=True,
-            logits_processors=[vllm_fastpath.LOGITS_PROCESSOR_FQCN] + ([vllm_lockstep.LOGITS_PROCESSOR_FQCN] if lockstep else []),
-            worker_extension_cls=vllm_fastpath.WORKER_EXTENSION_FQCN,
+            logits_processors=[switch_sampling.LOGITS_PROCESSOR_FQCN] + ([LOCKSTEP_PROCESSOR] if lockstep else []),
+            worker_extension_cls=WORKER_EXTENSION_FQCN,
             **extra,
         )
         if lockstep:
@@ -147,7 +149,7 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if tensor_parallel_size > 1:  # TP workers as processes inside this engine's host (one node)
             kwargs["distributed_executor_backend"] = "mp"
-        self._fastpath = vllm_fastpath
+        self._fastpath, self._sampling = fast_logprobs, switch_sampling
         self.llm = LLM(**kwargs)
         self._vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self._closed = False
@@ -196,20 +198,17 @@ class VLLMEngine:
         """Load the weight version a ``weight_sync.SyncTicket`` describes, then drop the prefix
         cache (its KV blocks belong to the old weights). A refused or failed version raises
         WeightSyncError and the engine keeps serving the weights it had."""
-        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
+        from switchkd.rollout.weight_sync import TRANSPORTS, WeightSyncError, check_newer
 
         version, transport = int(ticket["version"]), ticket["transport"]
+        if transport not in TRANSPORTS:
+            raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
         if transport == "shm":
             check_newer(version, self.weight_version)
-            self.llm.collective_rpc("switchkd_load_weights_file",
-                                    args=(ticket["path"], version, self.weight_version))
-        elif transport == "collective":
-            received = self.llm.collective_rpc("switchkd_receive_weights", args=(self.weight_version,))
-            if any(v != version for v in received):
-                raise WeightSyncError(f"collective weight sync: workers received versions {received}, "
-                                      f"the ticket says {version}")
-        else:
-            raise WeightSyncError(f"unknown weight-sync transport {transport!r}")
+        received = self.llm.collective_rpc("switchkd_update_weights", args=(dict(ticket), self.weight_version))
+        if any(v != version for v in received):
+            raise WeightSyncError(f"{transport} weight sync: workers received versions {received}, "
+                                  f"the ticket says {version}")
         self.reset_prefix_cache()
         self.weight_version = version
         return version
@@ -324,7 +323,7 @@ class VLLMEngine:
             SamplingParams(
                 max_tokens=int(max_tokens[i]), temperature=0.0, logprobs=-1, detokenize=False,
                 ignore_eos=True, stop_token_ids=stops,
-                extra_args=self._fastpath.switch_extra_args(seeds[i], positions[i], temperature),
+                extra_args=self._sampling.switch_extra_args(seeds[i], positions[i], temperature),
             )
             for i in todo
         ]
@@ -406,7 +405,7 @@ class VLLMEngine:
             if last.shape != (1, V):
                 raise RuntimeError(f"final-step log-probs have shape {last.shape}, expected (1, {V})")
             rows = plp.to_numpy()[a - plp.first_position:] if a < len(s) else np.zeros((0, V), np.float32)
-            if np.isnan(rows).any():  # a row the engine did not compute (see vllm_fastpath)
+            if np.isnan(rows).any():  # a row the engine did not compute (see fast_logprobs)
                 missing.append(i)
                 continue
             block = np.empty((len(s) - a + 1, V), np.float32)

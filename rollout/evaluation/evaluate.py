@@ -14,7 +14,7 @@ on the whole split or a seeded sample of it. Per prompt (see ``score_responses``
 
 Every metric is reported overall and per reference-length bucket (reference tokens, EOS
 excluded), since SWITCH's gains are expected to grow with response length; the per-prompt rows
-let ``switchkd.rollout.eval_stats`` compare two reports with paired bootstrap CIs.
+let ``switchkd.rollout.evaluation.stats`` compare two reports with paired bootstrap CIs.
 """
 from __future__ import annotations
 
@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
-from switchkd.rollout.data import Example, PromptError, load_examples
-from switchkd.rollout.eval_stats import METRICS, seeded_sample
+from switchkd.rollout.data.prompts import Example, PromptError, load_examples
+from switchkd.rollout.evaluation.stats import METRICS, seeded_sample
 from switchkd.rollout.generate import summarize
-from switchkd.rollout.models import CPU_HEAD_SIZES, ModelError, head_size, read_model_config
-from switchkd.rollout.schema import SchemaError, read_rollouts, write_atomic
-from switchkd.rollout.sequences import Prompt, SequenceBuilder
+from switchkd.rollout.io import atomic_write_bytes
+from switchkd.rollout.models.checks import CPU_HEAD_SIZES, ModelError, head_size, read_model_config
+from switchkd.rollout.data.schema import SchemaError, read_rollouts
+from switchkd.rollout.data.sequences import Prompt, SequenceBuilder
 
 REFERENCE_LENGTH_BUCKETS = (0, 16, 32, 64, 128)   # -> 0-15, 16-31, 32-63, 64-127, 128+
 
@@ -181,8 +182,8 @@ def run_eval(model: ModelConfig, data: DataConfig, rollout: RolloutConfig, model
     ({prompt index: text}, e.g. from the teacher's own report) saves generating them again."""
     from transformers import AutoTokenizer
 
-    from switchkd.rollout.engines import engine_kwargs
-    from switchkd.rollout.vllm_engine import VLLMEngine
+    from switchkd.rollout.engines.actors import engine_kwargs
+    from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
     check_eval_model(model_dir, rollout.student.device)
     check_eval_model(model.teacher, rollout.teacher.device)
@@ -283,7 +284,7 @@ def load_report(path: str | Path) -> dict:
 def write_report(report: dict, out: str | Path) -> None:
     """Write the report as indented JSON, atomically."""
     content = (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    write_atomic(out, lambda f: f.write(content))
+    atomic_write_bytes(out, content)
 
 
 def _reference_tokens(example: Example, stop_token_ids: list[int]) -> int:

@@ -21,13 +21,13 @@ The schema version lives in the Arrow metadata; readers refuse other versions.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.io import atomic_write
 
 SCHEMA_VERSION = "2"  # 2: + reference_ids
 _VERSION_KEY = b"switchkd.schema_version"
@@ -54,7 +54,7 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(SwitchkdError, ValueError):
     """A rollout file or table that does not follow ROLLOUT_SCHEMA; the message names file and row."""
 
 
@@ -140,26 +140,9 @@ def _row_problem(row: dict, vocab_size: int | None) -> str | None:
     return None
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync, rename: ``path`` is either its old
-    self or complete, whatever happens (every file switchkd writes goes through here or a temp dir)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_parquet(table: pa.Table, path: str | Path) -> None:
     """Write ``table`` to ``path`` atomically."""
-    write_atomic(path, lambda f: pq.write_table(table, f))
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def read_rollouts(path: str | Path, vocab_size: int | None = None) -> pa.Table:

@@ -68,7 +68,7 @@ class SequenceBuilder:
             self.finish_reason = "length"
 
     def row(self, policy_version: int) -> dict:
-        """The schema row (see switchkd.rollout.schema)."""
+        """The schema row (see switchkd.rollout.data.schema)."""
         return {
             "prompt_index": self.prompt.index, "prompt_ids": self.prompt.token_ids,
             "response_ids": self.response_ids, "owner": self.owner, "jsd": self.jsd, "tau": self.tau,

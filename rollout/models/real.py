@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from switchkd.rollout.models import ModelError
+from switchkd.rollout.models.checks import ModelError
 
 log = logging.getLogger(__name__)
 

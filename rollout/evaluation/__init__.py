@@ -1,0 +1,1 @@
+"""`switchkd eval`: held-out scores of a model and the statistics that compare two reports."""
