@@ -86,7 +86,7 @@ def newline_token_ids(model_dir: str) -> set[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup-from", required=True, help="the warmed-up student's export (a pipeline's warmup/export)")
+    parser.add_argument("--warmup-from", help="the warmed-up student's export (a pipeline's warmup/export)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -99,6 +99,8 @@ def main() -> None:
     if args.table_only:
         print(table(json.loads(Path(args.json).read_text())))
         return
+    if not args.warmup_from:
+        parser.error("--warmup-from is required (except with --table-only)")
 
     from switchkd.cluster.config import load_config
     from switchkd.cluster.pipeline import eval_stage, saved_rollouts, train_stage, training_overrides
