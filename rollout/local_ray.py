@@ -59,8 +59,8 @@ def tcp_store(host: str, port: int, world: int, is_master: bool, timeout_s: floa
     return dist.TCPStore(host, port, world, True, timeout, master_listen_fd=sock.detach())
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it); "" probes every interface."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]

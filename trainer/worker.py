@@ -52,7 +52,8 @@ class TrainWorker:
         """This node's address and a free port on it (rank 0's is the process-group rendezvous)."""
         import ray
 
-        return ray.util.get_node_ip_address(), free_port()
+        # a non-loopback TCPStore master listens on every interface (local_ray.tcp_store): probe them all
+        return ray.util.get_node_ip_address(), free_port("")
 
     def start(self, master_addr: str, master_port: int, local_rank: int) -> None:
         """Join the process group, load the student (and teacher), build the DeepSpeed engine."""
