@@ -123,6 +123,16 @@ def commit(paths: list[Path], message: str, attempts: int = 5) -> None:
     print(f"warning: could not commit {', '.join(map(str, paths))}; commit them by hand", file=sys.stderr, flush=True)
 
 
+def check_same_warmup(results: Path, student: str) -> None:
+    """Refuse to continue a study whose saved runs started from another warm-up: its paired
+    comparisons would compare students with different starting points."""
+    saved, sha = load_run(results, "warm-up"), weights_sha256(student)
+    if saved is not None and saved.get("weights_sha256") != sha:
+        raise SystemExit(f"quality: {student} is not the warm-up the runs in {results} started from "
+                         f"(weights sha256 {sha[:12]}, saved {saved.get('weights_sha256', '?')[:12]}); "
+                         "pass --warmup-from with that student, or --results with a new directory")
+
+
 def run_study(args, base: list[str]) -> None:
     """Warm-up, teacher and warm-up evaluations, then every (method, seed) not saved yet."""
     from switchkd.cluster.config import load_config
@@ -136,6 +146,7 @@ def run_study(args, base: list[str]) -> None:
     student = args.warmup_from or train_stage(
         WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out / "warmup"), f"trainer.lr={WARMUP_LR}"],
         out / "warmup", progress=False)["export"]
+    check_same_warmup(results, student)
     code = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher), ("warm-up", student)]
     teacher = None
