@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+from pathlib import Path
 
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
 from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.logs import library_output_to, setup_logging
 
 PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64, "sft_ratio": DISTIL_SFT_RATIO}
 
@@ -61,7 +62,8 @@ def _cmd_train(args) -> None:
         return
     from switchkd.cluster.driver import train
 
-    result = train(cfg, resume=args.resume)
+    with library_output_to(Path(cfg.trainer.output_dir) / "logs", args.verbose):
+        result = train(cfg, resume=args.resume)
     losses = (f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f}" if result["last_loss"] is not None
               else "nothing left to train")
     print(f"trained to step {result['steps']} (policy version {result['policy_version']}): {losses}; checkpoint "
@@ -113,14 +115,18 @@ def _cmd_eval(args) -> None:
 def _cmd_pipeline(args) -> None:
     from switchkd.cluster.pipeline import run_pipeline, summary_lines
 
-    summary = run_pipeline(args.out, args.warmup_steps, args.distil_steps, args.eval_prompts, args.seed,
-                           args.distil_config, sft_ratio=args.sft_ratio)
+    with library_output_to(Path(args.out) / "logs", args.verbose):
+        summary = run_pipeline(args.out, args.warmup_steps, args.distil_steps, args.eval_prompts, args.seed,
+                               args.distil_config, sft_ratio=args.sft_ratio)
     print("\n".join(summary_lines(summary)))
     print(f"wrote {args.out}/summary.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchkd", description="SWITCH knowledge distillation of LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the libraries' output (vLLM, Ray, DeepSpeed) on the console; by default "
+                             "`train` and `pipeline` write it to OUTPUT_DIR/logs/")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-models", help="build a tiny random teacher/student pair (tests, configs/tiny.yaml)")
@@ -221,8 +227,8 @@ def _ratio(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
     try:
         args.func(args)
     except SwitchkdError as e:  # one line, no traceback; anything else is a bug and keeps its traceback

@@ -43,6 +43,7 @@ from switchkd.rollout.data import schema
 from switchkd.rollout.data.prompts import PromptError, load_prompts
 from switchkd.rollout.engines.actors import ENGINE_DIED, InBackground, start_engines
 from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
+from switchkd.rollout.logs import console
 from switchkd.rollout.models.checks import check_pair
 from switchkd.rollout.data.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
@@ -201,7 +202,7 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
     # sides, so a collective sync waits for the rollout.
     write_early = cfg.sync.transport == "shm"
     first = last = None
-    bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress)
+    bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress, file=console())
     batch = source.run(trainer.step, sync.engine_version) if trainer.step < total else None
     while trainer.step < total:
         interrupt.check()

@@ -101,8 +101,11 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     teacher = load_config(distil_config, overrides).model.teacher   # a bad config fails before any training
     if prepare:
         prepare_defaults()
+    log.info("stage 1/3: SFT warm-up of the student, %d steps -> %s", warmup_steps, out / "warmup")
     warm = train_stage(WARMUP_CONFIG, [*overrides, *training_overrides(warmup_steps, seed, out / "warmup"),
                                        f"trainer.lr={WARMUP_LR}"], out / "warmup", progress)
+    log.info("stage 2/3: distillation (%s, SFT term %g), %d steps -> %s", Path(distil_config).stem, sft_ratio,
+             distil_steps, out / "distil")
     distil = train_stage(distil_config, [*overrides, *training_overrides(distil_steps, seed, out / "distil",
                                                                          warm["export"]),
                                          f"trainer.sft_ratio={sft_ratio}"], out / "distil", progress)
@@ -111,6 +114,8 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     models = {"teacher": teacher, "student before (warm-up)": warm["export"],
               "student after (SWITCH)": distil["export"]}
     reports: dict[str, dict] = {}
+    log.info("stage 3/3: evaluation of the teacher and the student before and after, %d test prompts -> %s",
+             eval_prompts, out / "eval")
     for name, path in models.items():
         reports[name] = eval_stage(distil_config, eval_overrides, path, out / "eval" / f"{_slug(name)}.json",
                                    rollouts if "after" in name else (), eval_prompts, reports.get("teacher"))

@@ -7,6 +7,8 @@ import os
 import socket
 from datetime import timedelta
 
+from switchkd.rollout.logs import worker_runtime_env
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 _RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # "0": Ray's node IP is 127.0.0.1 (single node)
@@ -25,6 +27,11 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     import ray
     from ray._private import ray_constants
 
+    routed = worker_runtime_env()   # library output of the workers to the run's log files, when the CLI routes it
+    if routed:
+        env = kwargs.setdefault("runtime_env", {})
+        env["env_vars"] = {**routed["env_vars"], **env.get("env_vars", {})}
+        env.setdefault("worker_process_setup_hook", routed["worker_process_setup_hook"])
     if address:
         ray.init(address=address, **kwargs)
         return

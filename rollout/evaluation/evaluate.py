@@ -32,6 +32,7 @@ from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
 from switchkd.rollout.data.prompts import Example, PromptError, load_examples
 from switchkd.rollout.evaluation.stats import METRICS, seeded_sample
 from switchkd.rollout.generate import summarize
+from switchkd.rollout.logs import console
 from switchkd.rollout.io import atomic_write_bytes
 from switchkd.rollout.models.checks import CPU_HEAD_SIZES, ModelError, head_size, read_model_config
 from switchkd.rollout.data.schema import SchemaError, read_rollouts
@@ -83,7 +84,7 @@ def decode_all(engine, prompts: list[Prompt], *, temperature: float, max_new_tok
     log-probs per token, so batches bound the memory), with the log-prob of each drawn token
     under the distribution it was drawn from (softmax(log p / T); none when greedy)."""
     out = []
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, file=console()) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             results = engine.decode(
@@ -109,7 +110,7 @@ def teacher_logprobs(engine, prompts: list[Prompt], responses: list[list[int]], 
     """The teacher's log-prob of every response token (EOS included), prompt by prompt: one
     prefill of prompt + response per prompt (``VLLMEngine.score``)."""
     out = []
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False) as bar:
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, file=console()) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = list(zip(prompts[start:start + batch_size], responses[start:start + batch_size]))
             rows = engine.score([p.token_ids + r for p, r in batch], [len(p.token_ids) for p, _ in batch])

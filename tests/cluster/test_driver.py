@@ -196,6 +196,12 @@ def test_train_runs_the_closed_loop(tiny_models, tmp_path, clean_machine, transp
     assert [set(v) for v in versions] == [{b} for b in [m["batch_policy_version"] for m in metrics]]
     assert (run / "checkpoints" / "step_3" / "trainer_state.json").is_file()
     assert (run / "export" / "model.safetensors").is_file()
+    # the console holds switchkd's lines; the libraries' start-up chatter is in the run's logs/
+    workers = "".join(path.read_text() for path in (run / "logs").glob("worker-*.log"))
+    assert "non-default args" in workers                                  # every vLLM engine start logs it
+    assert "Started a local Ray instance" in (run / "logs" / "driver.log").read_text()
+    assert [text for text in ("non-default args", "Started a local Ray instance", "Failed to load weights")
+            if text in res.stdout + res.stderr] == []
 
 
 def _start_and_wait_for_first_step(tiny_models, tmp_path, *overrides):
