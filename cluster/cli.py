@@ -47,18 +47,36 @@ def _cmd_train_offline(args) -> None:
           f"{result['skipped_rows']} empty responses skipped; checkpoint {result['checkpoint']}")
 
 
-def _cmd_train(args) -> None:
-    from switchkd.cluster.placement import plan_placement
+def _print_plan(args, cfg) -> None:
+    """The placement plan and the memory estimate; ClusterError when the estimate does not fit."""
+    from switchkd.cluster.memory import describe_memory, plan_memory
+    from switchkd.cluster.placement import ClusterError, plan_placement
 
-    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
-    cfg = load_config(args.config, overrides)
     plan = plan_placement(cfg)
+    roles, problems = plan_memory(cfg, plan)
+    print(f"config {args.config}: valid")
+    print(plan.describe())
+    print(describe_memory(roles))
+    print(f"loop: max_staleness {cfg.loop.max_staleness}; {cfg.trainer.batch_size} prompts per step; steps "
+          f"{cfg.trainer.max_steps or f'{cfg.trainer.epochs} epoch(s) over {cfg.data.prompts}'}; weight sync "
+          f"{cfg.sync.transport}; Ray {cfg.cluster.address or 'private, 127.0.0.1'}")
+    if problems:
+        raise ClusterError(f"{args.config}: does not fit: " + "; ".join(problems))
+
+
+def _train_config(args):
+    overrides = list(args.overrides) + ([f"cluster.address={args.address}"] if args.address else [])
+    return load_config(args.config, overrides)
+
+
+def _cmd_plan(args) -> None:
+    _print_plan(args, _train_config(args))
+
+
+def _cmd_train(args) -> None:
+    cfg = _train_config(args)
     if args.dry_run:
-        print(f"config {args.config}: valid")
-        print(plan.describe())
-        print(f"loop: max_staleness {cfg.loop.max_staleness}; {cfg.trainer.batch_size} prompts per step; steps "
-              f"{cfg.trainer.max_steps or f'{cfg.trainer.epochs} epoch(s) over {cfg.data.prompts}'}; weight sync "
-              f"{cfg.sync.transport}; Ray {cfg.cluster.address or 'private, 127.0.0.1'}")
+        _print_plan(args, cfg)
         return
     from switchkd.cluster.driver import train
 
@@ -163,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the placement plan, start nothing")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="placement and memory per role of a train config, before anything starts "
+                                    "(same as train --dry-run); exit 2 when it cannot fit")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/multi-gpu.yaml")
+    p.add_argument("--address", default=None, help="the Ray cluster the run would join")
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("export", help="write a checkpoint's student as an HF model directory")
     p.add_argument("--checkpoint", required=True, help="checkpoints/step_N, or a run dir (its latest checkpoint)")

@@ -36,6 +36,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from switchkd.cluster.config import ConfigError
+from switchkd.cluster.memory import plan_memory
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
                                         plan_placement, ray_session)
 from switchkd.cluster.sync import WeightSync, sync_root
@@ -158,6 +159,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
                           f"set rollout.engine=vllm")
     latest = checkpoint.checkpoint_to_resume(tc.output_dir, resume)
     plan = plan_placement(cfg)
+    _, too_big = plan_memory(cfg, plan)
+    if too_big:
+        raise ClusterError("the run does not fit (switchkd plan shows the estimate): " + "; ".join(too_big))
     check_pair(cfg.model.teacher, cfg.model.student, "vllm", cfg.rollout.student.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.teacher)
     prompts, skipped = load_prompts(cfg.data, tokenizer, cfg.rollout.seed)

@@ -1,0 +1,220 @@
+"""Memory each role of a run needs, estimated before anything starts (`switchkd plan`,
+`switchkd train --dry-run`), from the models' config.json (and their safetensors headers, when
+the weights exist, for the exact parameter count), the dtypes and the config:
+
+- vLLM engine: weights (parameters x model.dtype bytes, split over tensor_parallel_size), the KV
+  cache (on the CPU the configured kv_cache_space_gb, allocated at start; on a GPU what
+  gpu_memory_utilization leaves after the weights) and the process's runtime (torch, vLLM);
+- trainer worker: DeepSpeed ZeRO's model states per worker (the ZeRO paper's accounting:
+  parameters, gradients, AdamW's two moments, fp32 master weights under bf16; partitioned over
+  the workers from stage 1 (moments and masters), 2 (+ gradients), 3 (+ parameters)), one
+  micro-batch's activations (the full-vocabulary logits and their log-softmax dominate at these
+  lengths), the teacher's weights when trainer.teacher_source=model, and the runtime;
+- the driver: the runtime of the process that runs the loop.
+
+The runtime constants are peaks measured on the CPU (benchmarks/memory.py, which also checks the
+whole estimate against measured peaks).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2}
+
+# Resident memory of a process beyond the weights, caches and optimizer state it holds: torch +
+# vLLM for an engine, torch + DeepSpeed + a Ray worker for a trainer rank, the loop's process for
+# the driver. Peaks measured on the CPU (benchmarks/memory.py; docs/cluster.md#memory): tiny-pair
+# engines 0.66-0.74 GiB beyond their KV cache, SmolLM2-pair engines 1.0-1.45 GiB (larger logits
+# and sampler buffers at a 49k vocabulary); trainer ranks 0.6 GiB; the driver 0.55 GiB.
+ENGINE_RUNTIME = int(1.0 * GIB)
+TRAINER_RUNTIME = int(0.6 * GIB)
+DRIVER_RUNTIME = int(0.6 * GIB)
+# On a GPU: CUDA context, vLLM's profiling activations and buffers outside the KV cache (a rough figure).
+ENGINE_RUNTIME_GPU = int(1.5 * GIB)
+# Bytes per token per layer of the activations a decoder layer keeps for the backward pass, in
+# units of hidden_size x precision bytes (attention + MLP without recomputation).
+ACTIVATION_FACTOR = 18
+LOGIT_COPIES = 4      # logits, log-softmax, their gradient, the loss's fp32 working copy
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+def model_shape(model_dir: str | os.PathLike) -> ModelShape | None:
+    """The shape of the model in ``model_dir`` (None when there is no config.json yet)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        return None
+    cfg = json.loads(config_path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    params = _safetensors_params(Path(model_dir)) or _params_from_config(cfg, hidden, layers, heads, kv_heads, head_dim)
+    return ModelShape(params, layers, hidden, kv_heads, head_dim, cfg["vocab_size"])
+
+
+def _safetensors_params(model_dir: Path) -> int:
+    """Exact parameter count from the safetensors headers (only the headers are read)."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def _params_from_config(cfg: dict, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """A LLaMA/Qwen-style decoder's parameter count (embeddings, attention, gated MLP, norms)."""
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * cfg.get("intermediate_size", 4 * hidden)
+    embeddings = cfg["vocab_size"] * hidden * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    return embeddings + layers * (attention + mlp + 2 * hidden) + hidden
+
+
+@dataclass(frozen=True)
+class RoleMemory:
+    role: str
+    device: str
+    parts: dict            # name -> bytes, per process (per GPU for a cuda engine)
+    budget: int | None = None   # what the role may use on its device (cuda), and where that comes from
+    budget_source: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {_gib(size)}" for name, size in self.parts.items() if size)
+        return f"{self.role:<16} {self.device:<4} {_gib(self.total):>9}  ({parts})"
+
+
+def _gib(size: float) -> str:
+    return f"{size / GIB:.2f} GiB"
+
+
+def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: int | None) -> RoleMemory:
+    """One vLLM engine (rollout.teacher / rollout.student): per process on the CPU, per GPU on cuda."""
+    weights = shape.params * DTYPE_BYTES[dtype] // engine.tensor_parallel_size
+    if engine.device == "cpu":
+        return RoleMemory(role, "cpu", {"weights": weights, "kv_cache": int(engine.kv_cache_space_gb * GIB),
+                                        "runtime": ENGINE_RUNTIME})
+    reserved = int(engine.gpu_memory_utilization * gpu_bytes) if gpu_bytes else None
+    kv_cache = max(0, reserved - weights - ENGINE_RUNTIME_GPU) if reserved else 0
+    key = "rollout.teacher" if role.startswith("teacher") else "rollout.student"
+    return RoleMemory(role, "cuda", {"weights": weights, "kv_cache": kv_cache, "runtime": ENGINE_RUNTIME_GPU},
+                      reserved, f"{key}.gpu_memory_utilization={engine.gpu_memory_utilization:g} of the GPU")
+
+
+def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+    """Key and value of every layer for one token."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * DTYPE_BYTES[dtype]
+
+
+def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, cfg, device: str,
+                   tokens_per_row: int | None = None, gpu_bytes: int | None = None) -> RoleMemory:
+    """One DeepSpeed trainer worker (ZeRO model states per worker, activations, runtime).
+    ``tokens_per_row``: the longest row (default: data.max_prompt_tokens + rollout.max_new_tokens)."""
+    tc = cfg.trainer
+    precision = tc.precision if tc.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    n, workers, stage = student.params, tc.num_workers, tc.zero_stage
+    weight_bytes = DTYPE_BYTES[precision]
+    params = n * weight_bytes
+    grads = n * weight_bytes
+    optimizer = n * (8 + (4 if precision == "bf16" else 0))   # AdamW moments (+ fp32 masters under bf16)
+    if stage >= 1:
+        optimizer //= workers
+    if stage >= 2:
+        grads //= workers
+    if stage >= 3:
+        params //= workers
+    tokens = tc.micro_batch_size * (tokens_per_row or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    activations = tokens * (student.layers * student.hidden * ACTIVATION_FACTOR * weight_bytes
+                            + student.vocab * 4 * LOGIT_COPIES)
+    parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
+    if tc.teacher_source == "model" and teacher is not None:
+        parts["teacher"] = teacher.params * DTYPE_BYTES[cfg.model.dtype]
+    parts["runtime"] = 0 if device == "cuda" else TRAINER_RUNTIME
+    return RoleMemory(role, device, parts, gpu_bytes if device == "cuda" else None, "the GPU")
+
+
+def estimate_memory(cfg, plan, tokens_per_row: int | None = None, gpu_bytes: int | None = None) -> list[RoleMemory]:
+    """Every placed role of ``plan`` (cluster.placement.PlacementPlan) and the driver; roles whose
+    model has no config.json yet are left out."""
+    from switchkd.cluster.placement import STUDENT, TEACHER
+
+    teacher, student = model_shape(cfg.model.teacher), model_shape(cfg.model.student)
+    out = []
+    for bundle in plan.bundles:
+        if bundle.role in (TEACHER, STUDENT):
+            shape = teacher if bundle.role == TEACHER else student
+            engine = cfg.rollout.teacher if bundle.role == TEACHER else cfg.rollout.student
+            if shape is not None:
+                out.append(engine_memory(bundle.role, shape, engine, cfg.model.dtype, gpu_bytes))
+        elif student is not None:
+            out.append(trainer_memory(bundle.role, student, teacher, cfg, plan.trainer_device, tokens_per_row,
+                                      gpu_bytes))
+    out.append(RoleMemory("driver", "cpu", {"runtime": DRIVER_RUNTIME}))
+    return out
+
+
+def host_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gpu_memory() -> int | None:
+    """The first visible GPU's memory in bytes (None without one)."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def check_fits(roles: list[RoleMemory], host_bytes: int, single_node: bool) -> list[str]:
+    """Problems of the estimate against the capacity, one line each (empty: it fits). On a single
+    node (a private Ray) the CPU roles share the host's memory; a cuda role must fit its budget."""
+    problems = []
+    cpu = [r for r in roles if r.device == "cpu"]
+    need = sum(r.total for r in cpu)
+    if single_node and need > host_bytes:
+        biggest = max(cpu, key=lambda r: r.total)
+        problems.append(f"the CPU roles need {_gib(need)} together, this machine has {_gib(host_bytes)} "
+                        f"({_gib(need - host_bytes)} short; the largest is the {biggest.role}, {_gib(biggest.total)})")
+    for r in roles:
+        if r.budget is not None and r.total > r.budget:
+            problems.append(f"the {r.role} needs {_gib(r.total)} per GPU, {r.budget_source} gives {_gib(r.budget)} "
+                            f"({_gib(r.total - r.budget)} short)")
+    return problems
+
+
+def plan_memory(cfg, plan) -> tuple[list[RoleMemory], list[str]]:
+    """The estimate of every role for ``plan`` and the problems against this machine's memory (a
+    private Ray) and GPU (when one is visible here)."""
+    uses_gpu = plan.trainer_device == "cuda" or "cuda" in (cfg.rollout.teacher.device, cfg.rollout.student.device)
+    roles = estimate_memory(cfg, plan, gpu_bytes=gpu_memory() if uses_gpu else None)
+    single_node = cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS")
+    return roles, check_fits(roles, host_memory(), single_node)
+
+
+def describe_memory(roles: list[RoleMemory]) -> str:
+    """The estimate as the lines `switchkd plan` prints."""
+    cpu = sum(r.total for r in roles if r.device == "cpu")
+    lines = ["memory per process (estimate; cuda engines per GPU):"] + [f"  {r.line()}" for r in roles]
+    return "\n".join(lines + [f"  CPU roles together: {_gib(cpu)} of {_gib(host_memory())} on this machine"])
