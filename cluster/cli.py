@@ -131,8 +131,9 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_pipeline(args) -> None:
-    from switchkd.cluster.pipeline import run_pipeline, summary_lines
+    from switchkd.cluster.pipeline import DISTIL_CONFIG, run_pipeline, summary_lines
 
+    load_config(args.distil_config or DISTIL_CONFIG, [])   # a bad config fails before the run directory exists
     with library_output_to(Path(args.out) / "logs", args.verbose):
         summary = run_pipeline(args.out, args.warmup_steps, args.distil_steps, args.eval_prompts, args.seed,
                                args.distil_config, sft_ratio=args.sft_ratio)

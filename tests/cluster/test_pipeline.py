@@ -54,6 +54,11 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
     lines = summary_lines(summary)
     assert any(line.startswith("greedy   ROUGE-L vs reference") and "[" in line for line in lines)
     assert any("answers ending with EOS" in line for line in lines)
+    primary = summary["primary"]                                          # sampled reverse KL, lower is better
+    entry = summary["after_vs_before"]["sampled"]["reverse_kl"]["all"]
+    assert (primary["diff"], primary["lo"], primary["hi"]) == (entry["diff"], entry["lo"], entry["hi"])
+    assert primary["improved"] == (entry["hi"] < 0)
+    assert any(line.startswith("primary metric, sampled reverse KL") for line in lines)
 
     metrics = (out / "distil" / "metrics.jsonl").read_text()
     again = run_pipeline(out, warmup_steps=2, distil_steps=2, eval_prompts=6, overrides=tiny_overrides,
