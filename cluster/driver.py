@@ -95,6 +95,7 @@ class RolloutBatch:
     table: pa.Table
     version: int               # policy version of the student weights that generated it
     summary: RolloutSummary
+    span: tuple[float, float]  # perf_counter at its start and end
 
 
 class RolloutSource:
@@ -146,7 +147,8 @@ class RolloutSource:
         table = schema.to_table([s.row(version) for s in seqs])
         if self.out_dir is not None:
             schema.write_parquet(table, self.out_dir / f"step_{step:06d}.parquet")
-        return RolloutBatch(step, table, version, summarize(seqs, {}, time.perf_counter() - start))
+        end = time.perf_counter()
+        return RolloutBatch(step, table, version, summarize(seqs, {}, end - start), (start, end))
 
 
 def train(cfg, resume: bool = False, progress: bool = True) -> dict:
@@ -207,6 +209,7 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
     write_early = cfg.sync.transport == "shm"
     first = last = None
     bar = tqdm(total=total, initial=trainer.step, unit="step", desc="train", disable=not progress, file=console())
+    t0 = time.perf_counter()     # the timeline's origin: t_PHASE_start / t_PHASE_end in metrics.jsonl
     batch = source.run(trainer.step, sync.engine_version) if trainer.step < total else None
     while trainer.step < total:
         interrupt.check()
@@ -216,13 +219,17 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
                                f"{bound} allows at trainer version {trainer.policy_version}")
         ahead = (InBackground(_load_and_roll_out, sync, sync.written, source, step + 1)
                  if bound and step + 1 < total else None)
-        last = trainer.train_step(batch.table, source=f"rollout of step {step}", log=False)
-        written = sync.write() if write_early else {}
-        following, loaded = ahead.result() if ahead is not None else (None, {})  # the engine is idle now
+        last, train_span = _timed(trainer.train_step, batch.table, source=f"rollout of step {step}", log=False)
+        written, write_span = _timed(sync.write) if write_early else ({}, None)
+        following, (loaded, load_span) = ahead.result() if ahead is not None else (None, ({}, None))  # engine idle now
         if not write_early:
-            written = sync.write()
+            written, write_span = _timed(sync.write)
         if following is None:  # no rollout in the background: load the new version now
-            loaded = sync.load(sync.written)
+            loaded, load_span = _timed(sync.load, sync.written)
+        spans = {"rollout": batch.span, "train": train_span, "sync_write": written and write_span,
+                 "sync_load": loaded and load_span}
+        last.update({f"t_{name}_{end}": t - t0 for name, span in spans.items() if span
+                     for end, t in zip(("start", "end"), span)})
         last.update(written, **loaded, rollout_seconds=batch.summary.seconds,
                     rollout_tokens_per_s=batch.summary.tokens / max(batch.summary.seconds, 1e-9),
                     rollout_teacher_fraction=batch.summary.teacher_fraction, engine_restarts=source.engine_restarts)
@@ -250,11 +257,18 @@ def _loop(cfg, trainer, sync, source: RolloutSource, total: int, data_state: dic
     return out
 
 
-def _load_and_roll_out(sync, written, source: RolloutSource, step: int) -> tuple[RolloutBatch, dict]:
+def _load_and_roll_out(sync, written, source: RolloutSource, step: int) -> tuple[RolloutBatch, tuple[dict, tuple]]:
     """The background job of max_staleness=1: load ``written`` into the engine, then roll out
-    ``step``; returns (the batch, the load's sync metrics)."""
-    loaded = sync.load(written)
+    ``step``; returns (the batch, (the load's sync metrics, its span))."""
+    loaded = _timed(sync.load, written)
     return source.run(step, sync.engine_version), loaded
+
+
+def _timed(fn, *args, **kwargs) -> tuple[object, tuple[float, float]]:
+    """fn's result and the perf_counter span of the call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, (start, time.perf_counter())
 
 
 def _recover_engines(engines, sync, timeout_s: float) -> int:

@@ -99,7 +99,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
     """Run every stage into ``out``; returns the summary (also written to OUT/summary.json).
     ``overrides`` apply to every stage (e.g. other models or data); ``prepare`` builds the default
     models and data first; ``sft_ratio`` is the distillation stage's trainer.sft_ratio (0 = pure SWITCH)."""
-    from switchkd.cluster.plots import plot_by_bucket, plot_loss, plot_teacher_fraction
+    from switchkd.cluster.plots import plot_by_bucket, plot_loss, plot_teacher_fraction, plot_timeline
 
     out, distil_config, overrides = Path(out), distil_config or DISTIL_CONFIG, list(overrides)
     teacher = load_config(distil_config, overrides).model.teacher   # a bad config fails before any training
@@ -128,6 +128,7 @@ def run_pipeline(out: Path, warmup_steps: int, distil_steps: int, eval_prompts: 
               plots / "loss.png")
     plot_teacher_fraction({"SWITCH rollouts": reports["student after (SWITCH)"]["rollouts"]},
                           plots / "teacher_fraction_by_position.png")
+    plot_timeline(out / "distil" / "metrics.jsonl", plots / "timeline.png")
     students = {k: v for k, v in reports.items() if k != "teacher"}
     plot_by_bucket(reports, plots / "rouge_l_before_after.png")
     plot_by_bucket(students, plots / "reverse_kl_before_after.png", mode="sampled", metric="reverse_kl")

@@ -1,5 +1,5 @@
 """PNG plots of runs and evaluations (matplotlib, no display needed): loss curves, the
-teacher-token fraction by response position, ROUGE-L by reference-length bucket."""
+teacher-token fraction by response position, ROUGE-L by reference-length bucket, the step timeline."""
 from __future__ import annotations
 
 import json
@@ -94,3 +94,39 @@ def _save(fig, ax, out: Path) -> Path:
     atomic_write(out, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return out
+
+
+TIMELINE_PHASES = ("rollout", "train", "sync_write", "sync_load")
+
+
+def timeline_summary(rows: list[dict]) -> dict:
+    """From metrics.jsonl rows with t_PHASE_start / t_PHASE_end: seconds per phase, the wall time,
+    and how much of the rollout time ran while the trainer trained (hidden by the overlap)."""
+    spans = {p: [(r[f"t_{p}_start"], r[f"t_{p}_end"]) for r in rows if f"t_{p}_start" in r] for p in TIMELINE_PHASES}
+    hidden = sum(max(0.0, min(e, te) - max(s, ts)) for s, e in spans["rollout"] for ts, te in spans["train"])
+    rollout = sum(e - s for s, e in spans["rollout"])
+    ends = [e for phase in spans.values() for _, e in phase]
+    starts = [s for phase in spans.values() for s, _ in phase]
+    return {"steps": len(rows), "wall_seconds": max(ends) - min(starts) if ends else 0.0,
+            **{f"{p}_seconds": sum(e - s for s, e in spans[p]) for p in TIMELINE_PHASES},
+            "rollout_hidden_seconds": hidden, "rollout_hidden_fraction": hidden / rollout if rollout else 0.0}
+
+
+def plot_timeline(metrics: Path, out: Path, max_steps: int = 30) -> Path:
+    """One lane per phase (rollout, train, sync write, sync load) over wall time for the first
+    ``max_steps`` steps of a run's metrics.jsonl: where the phases overlap and what is on the
+    critical path."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()][:max_steps]
+    summary = timeline_summary(rows)
+    fig, ax = plt.subplots(figsize=(10, 2.8))
+    for lane, phase in enumerate(TIMELINE_PHASES):
+        bars = [(r[f"t_{phase}_start"], r[f"t_{phase}_end"] - r[f"t_{phase}_start"]) for r in rows
+                if f"t_{phase}_start" in r]
+        ax.broken_barh(bars, (lane - 0.4, 0.8), color=f"C{lane}", edgecolor="white", linewidth=0.5,
+                       label=phase.replace("_", " "))
+    ax.set_yticks(range(len(TIMELINE_PHASES)), [p.replace("_", " ") for p in TIMELINE_PHASES])
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds since the loop started",
+           title=f"step timeline, {len(rows)} steps: {summary['rollout_hidden_fraction']:.0%} of the rollout time "
+                 f"overlaps training")
+    return _save(fig, ax, out)

@@ -32,11 +32,13 @@ class _Events:
 
 
 class _FakeTrainer:
-    def __init__(self, events):
+    def __init__(self, events, seconds=0.0):
         self.events, self.step, self.policy_version, self.logged = events, 0, 0, []
+        self.seconds = seconds
 
     def train_step(self, table, source, log):
         staleness = self.policy_version - table.column("v")[0].as_py()
+        time.sleep(self.seconds)
         self.step += 1
         self.policy_version += 1
         return {"loss": 1.0, "policy_version": self.policy_version, "staleness": staleness}
@@ -74,6 +76,7 @@ class _FakeSource:
         self.engine_restarts = 0
 
     def run(self, step, version):
+        start = time.perf_counter()
         with self.events.lock:
             self.events.rollouts_running += 1
             self.events.log.append(("rollout", step, version))
@@ -81,14 +84,15 @@ class _FakeSource:
         with self.events.lock:
             self.events.rollouts_running -= 1
         version = self.version_override(step, version) if self.version_override else version
-        return RolloutBatch(step, pa.table({"v": [version]}), version, summarize([], {}, 0.05))
+        return RolloutBatch(step, pa.table({"v": [version]}), version, summarize([], {}, 0.05),
+                            (start, time.perf_counter()))
 
 
-def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None, interrupt=None):
+def _run_fake_loop(tmp_path, staleness, steps=5, version_override=None, interrupt=None, train_seconds=0.0):
     cfg = load_config(None, [f"loop.max_staleness={staleness}", "loop.export=false",
                              f"trainer.output_dir={tmp_path}", f"trainer.max_steps={steps}"])
     events = _Events()
-    trainer = _FakeTrainer(events)
+    trainer = _FakeTrainer(events, train_seconds)
     _loop(cfg, trainer, _FakeSync(events, trainer), _FakeSource(events, version_override), steps, {}, False,
           interrupt or Interrupt())
     return events.log, trainer.logged
@@ -117,6 +121,41 @@ def test_staleness_one_overlaps_the_next_rollout_with_training_and_the_sync_with
     # each record: the version the engine serves at the end of its step; the last is loaded after
     # the last step (version 4 was never loaded: no rollout came after it)
     assert [m["engine_version"] for m in metrics] == [0, 1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_each_step_records_the_timeline_of_its_phases(tmp_path, staleness):
+    """t_PHASE_start / t_PHASE_end (seconds since the loop started) for the rollout of the batch the
+    step trained on, its training, and the sync halves: the rollout of step n+1 overlaps step n's
+    training only with max_staleness=1."""
+    _, metrics = _run_fake_loop(tmp_path, staleness=staleness, train_seconds=0.1)   # longer than a rollout
+    for m in metrics:
+        for phase in ("rollout", "train", "sync_write", "sync_load"):
+            if f"t_{phase}_start" in m:
+                assert 0 <= m[f"t_{phase}_start"] <= m[f"t_{phase}_end"]
+        assert m["t_rollout_end"] <= m["t_train_start"]                  # a batch trains once complete
+        assert m["t_train_end"] <= m["t_sync_write_start"]               # the new version is written after it
+    overlapped = [metrics[n + 1]["t_rollout_start"] < metrics[n]["t_train_end"] for n in range(len(metrics) - 1)]
+    assert overlapped == [bool(staleness)] * (len(metrics) - 1)
+    assert all("t_sync_load_start" in m for m in metrics[1:-1]) or not staleness
+
+
+def test_the_timeline_summary_counts_the_rollout_time_hidden_by_training(tmp_path):
+    from switchkd.cluster.plots import plot_timeline, timeline_summary
+
+    rows = [  # rollout 0 alone, then rollout n+1 runs for 2 s, 1.5 s of them while step n trains
+        {"t_rollout_start": 0.0, "t_rollout_end": 2.0, "t_train_start": 2.0, "t_train_end": 3.5,
+         "t_sync_write_start": 3.5, "t_sync_write_end": 3.75},
+        {"t_rollout_start": 2.0, "t_rollout_end": 4.0, "t_train_start": 4.0, "t_train_end": 5.5,
+         "t_sync_load_start": 3.75, "t_sync_load_end": 4.0},
+    ]
+    summary = timeline_summary(rows)
+    assert summary["rollout_seconds"] == 4.0 and summary["train_seconds"] == 3.0
+    assert summary["rollout_hidden_seconds"] == 1.5 and summary["rollout_hidden_fraction"] == 0.375
+    assert summary["sync_write_seconds"] == 0.25 and summary["wall_seconds"] == 5.5
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_timeline(metrics, tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_batch_staler_than_the_bound_is_refused(tmp_path):

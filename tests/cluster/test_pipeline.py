@@ -49,7 +49,8 @@ def test_pipeline_runs_every_stage_and_continues_after_complete_ones(tiny_overri
     rollouts = json.loads((out / "eval" / "student_after__SWITCH.json").read_text())["rollouts"]
     assert rollouts["sequences"] == 2 * 4                                 # every distillation rollout counted
     assert sorted(Path(p).name for p in summary["plots"]) == [
-        "loss.png", "reverse_kl_before_after.png", "rouge_l_before_after.png", "teacher_fraction_by_position.png"]
+        "loss.png", "reverse_kl_before_after.png", "rouge_l_before_after.png", "teacher_fraction_by_position.png",
+        "timeline.png"]
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in summary["plots"])
     lines = summary_lines(summary)
     assert any(line.startswith("greedy   ROUGE-L vs reference") and "[" in line for line in lines)
@@ -94,4 +95,4 @@ def test_make_run_pipeline_on_the_default_real_pair(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["scores"]["teacher"]["greedy"]["rougeL"] > 0   # the real teacher answers in words of the references
-    assert "student after (SWITCH)" in res.stdout and len(summary["plots"]) == 4
+    assert "student after (SWITCH)" in res.stdout and len(summary["plots"]) == 5
