@@ -46,6 +46,8 @@ sys.path.insert(0, str(HERE))
 
 from common import machine_info, stats, write_json  # noqa: E402
 
+from switchkd.cluster.plots import timeline_summary  # noqa: E402
+
 TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
 CONFIGS = {"tiny": REPO / "configs" / "tiny.yaml", "smollm2": REPO / "configs" / "smollm2.yaml"}
 # The trainer's precision follows the pair's dtype, as TRL's does (trl_gkd.py: bf16=True for bfloat16).
@@ -135,6 +137,7 @@ def run_switchkd(method: str, args, work: Path) -> dict:
                                  for m in trained),
                    "generation_tokens_per_s": tokens / rollout_s,
                    "training_tokens_per_s": sum(m["tokens"] for m in trained) / train_s},
+        "timeline": timeline_summary(lines),
         "metrics": lines,
     }
 

@@ -312,6 +312,11 @@ def draw_all(out: Path) -> list[Path]:
         _bars(axes[2], names, [r["methods"][n]["phases"]["training_tokens_per_s"] for n in names],
               "training phase", "tokens/s", log=True)
         made.append(_save(fig, plots / f"e2e_{pair}.png"))
+        if "t_train_start" in r["methods"].get("switchkd_switch", {}).get("metrics", [{}])[0]:
+            from switchkd.cluster.plots import plot_timeline
+
+            made.append(plot_timeline(r["methods"]["switchkd_switch"]["metrics"], plots / f"e2e_timeline_{pair}.png",
+                                      title=f"SWITCH closed loop, {pair} pair"))
     if r := load(out, "scaling_rollout"):
         for sweep, key, label in (("length", "length", "response length (tokens)"),
                                   ("batch", "batch", "batch (prompts)")):

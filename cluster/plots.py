@@ -112,11 +112,13 @@ def timeline_summary(rows: list[dict]) -> dict:
             "rollout_hidden_seconds": hidden, "rollout_hidden_fraction": hidden / rollout if rollout else 0.0}
 
 
-def plot_timeline(metrics: Path, out: Path, max_steps: int = 30) -> Path:
+def plot_timeline(metrics: Path | list[dict], out: Path, max_steps: int = 30, title: str = "step timeline") -> Path:
     """One lane per phase (rollout, train, sync write, sync load) over wall time for the first
-    ``max_steps`` steps of a run's metrics.jsonl: where the phases overlap and what is on the
-    critical path."""
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()][:max_steps]
+    ``max_steps`` steps of a run's metrics.jsonl (or its rows): where the phases overlap and what
+    is on the critical path."""
+    if not isinstance(metrics, list):
+        metrics = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = metrics[:max_steps]
     summary = timeline_summary(rows)
     fig, ax = plt.subplots(figsize=(10, 2.8))
     for lane, phase in enumerate(TIMELINE_PHASES):
@@ -127,6 +129,6 @@ def plot_timeline(metrics: Path, out: Path, max_steps: int = 30) -> Path:
     ax.set_yticks(range(len(TIMELINE_PHASES)), [p.replace("_", " ") for p in TIMELINE_PHASES])
     ax.invert_yaxis()
     ax.set(xlabel="seconds since the loop started",
-           title=f"step timeline, {len(rows)} steps: {summary['rollout_hidden_fraction']:.0%} of the rollout time "
+           title=f"{title}, {len(rows)} steps: {summary['rollout_hidden_fraction']:.0%} of the rollout time "
                  f"overlaps training")
     return _save(fig, ax, out)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_FILES = ("rollout_tiny", "trainer", "weight_sync", "e2e_tiny", "scaling_rollout", "scaling_trainer")
-PLOTS = ("rollout_methods", "trainer", "weight_sync_size", "e2e_tiny", "scaling_rollout_length",
+PLOTS = ("rollout_methods", "trainer", "weight_sync_size", "e2e_tiny", "e2e_timeline_tiny", "scaling_rollout_length",
          "scaling_rollout_batch", "scaling_rollout_tau0", "scaling_trainer_length")
 
 
@@ -32,6 +32,8 @@ def test_run_quick_writes_every_result_and_plot(tmp_path):
         assert method["samples_per_s"] > 0 and method["tokens_per_s"] > 0 and method["timed_steps"] >= 1
         assert method["phases"]["generation_tokens_per_s"] > 0 and method["phases"]["training_tokens_per_s"] > 0
     assert e2e["ratios"]["switchkd_switch_over_trl"]["samples_per_s"] > 0
+    timeline = e2e["methods"]["switchkd_switch"]["timeline"]
+    assert timeline["steps"] == 4 and timeline["train_seconds"] > 0 and 0 <= timeline["rollout_hidden_fraction"] <= 1
 
     scaling = json.loads((out / "scaling_rollout.json").read_text())
     for sweep in ("length", "batch", "tau0"):
