@@ -61,6 +61,8 @@ class ClusterConfig:
     placement_strategy: str = choice("PACK", PLACEMENT_STRATEGIES)   # Ray placement group strategy
     placement_timeout_s: float = bounded(600.0, lo=0.0, lo_open=True)   # wait for the resources, then fail
     engine_max_restarts: int = bounded(3, lo=0)     # an engine actor that dies is restarted this often
+    engine_resource: Optional[str] = None   # custom Ray resource of the nodes that host the engines (`ray start --resources '{"NAME": 1}'`)
+    trainer_resource: Optional[str] = None  # custom Ray resource of the nodes that host the trainer ranks
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from switchkd.cluster.config import ConfigError
 from switchkd.cluster.memory import plan_memory
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
-                                        plan_placement, ray_session)
+                                        plan_placement, ray_session, record_placement)
 from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout.data import schema
 from switchkd.rollout.data.prompts import PromptError, load_prompts
@@ -177,6 +177,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         interrupt = stack.enter_context(Interrupt())
         stack.enter_context(ray_session(cfg.cluster, plan))
         pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
+        placed = record_placement(pg, plan, tc.output_dir)
+        log.info("placement: %s", "; ".join(f"{role} on node {p['node_id'][:8]} ({p['node_ip']})"
+                                             for role, p in placed.items()))
         if cfg.sync.transport == "shm":
             _check_same_node(pg, plan)
         engines = start_engines(cfg.model, cfg.rollout, placement={

@@ -74,10 +74,15 @@ class PlacementPlan:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _resources(cpus: float, gpus: float) -> dict:
+NODE_RESOURCE_SHARE = 0.01   # what a bundle asks of a node-pinning custom resource: 1 per node hosts 100 bundles
+
+
+def _resources(cpus: float, gpus: float, node_resource: str | None = None) -> dict:
     res = {"CPU": float(cpus)} if cpus > 0 else {}
     if gpus > 0:
         res["GPU"] = float(gpus)
+    if node_resource:
+        res[node_resource] = NODE_RESOURCE_SHARE
     return res or {"CPU": 0.001}  # Ray bundles cannot be empty
 
 
@@ -86,18 +91,24 @@ def plan_placement(cfg) -> PlacementPlan:
     from switchkd.trainer.ds_config import resolve_device
 
     bundles, notes = [], []
-    r = cfg.rollout
+    r, c = cfg.rollout, cfg.cluster
     for role, engine, path in ((TEACHER, r.teacher, cfg.model.teacher), (STUDENT, r.student, cfg.model.student)):
         if role == TEACHER and engine.server.url is not None:
             notes.append(f"the teacher runs behind a server ({engine.server.url}); it is not placed")
             continue
-        bundles.append(Bundle(role, _resources(engine.num_cpus, engine.num_gpus),
+        bundles.append(Bundle(role, _resources(engine.num_cpus, engine.num_gpus, c.engine_resource),
                               f"vLLM {engine.device}, TP={engine.tensor_parallel_size}, {path}"))
     tc = cfg.trainer
     device = resolve_device(tc, local=False)
     for rank in range(tc.num_workers):
-        bundles.append(Bundle(f"{TRAINER} {rank}", _resources(tc.cpus_per_worker, 1 if device == "cuda" else 0),
+        bundles.append(Bundle(f"{TRAINER} {rank}", _resources(tc.cpus_per_worker, 1 if device == "cuda" else 0,
+                                                               c.trainer_resource),
                               f"DeepSpeed ZeRO-{tc.zero_stage} on {device}, {tc.num_workers} worker(s)"))
+    private = c.address is None and not os.environ.get("RAY_ADDRESS")
+    for key in ("engine_resource", "trainer_resource"):
+        if getattr(c, key) and private:
+            raise ClusterError(f"cluster.{key}={getattr(c, key)}: a private Ray has no custom resources; join a "
+                               f"cluster whose nodes declare it (--address, or `ray job submit`)")
     if cfg.sync.transport == "shm":
         notes.append("sync.transport=shm: trainer rank 0 and the student engine must share a node "
                      "(checked once placed; use sync.transport=collective across nodes)")
@@ -105,7 +116,7 @@ def plan_placement(cfg) -> PlacementPlan:
         if not (Path(path) / "config.json").is_file():
             notes.append(f"{name}={path}: no model there yet (prepare it before training)")
     plan = PlacementPlan(bundles, cfg.cluster.placement_strategy, device, notes)
-    if cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray of the configured size
+    if private:  # a private Ray of the configured size
         need = plan.totals()
         for key, res in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
             have = getattr(cfg.cluster, key)
@@ -166,3 +177,18 @@ def bundle_nodes(pg) -> dict[int, str]:
     from ray.util import placement_group_table
 
     return dict(placement_group_table(pg)["bundles_to_node_id"])
+
+
+def record_placement(pg, plan: PlacementPlan, out_dir: Path) -> dict[str, dict]:
+    """Where Ray placed each role: {role: {"node_id", "node_ip"}}, written to OUT_DIR/placement.json."""
+    import json
+
+    import ray
+
+    from switchkd.rollout.io import atomic_write_bytes
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    placed = {b.role: {"node_id": node, "node_ip": ips.get(node, "?")}
+              for b, node in zip(plan.bundles, (bundle_nodes(pg)[i] for i in range(len(plan.bundles))))}
+    atomic_write_bytes(Path(out_dir) / "placement.json", (json.dumps(placed, indent=2) + "\n").encode())
+    return placed
