@@ -48,9 +48,9 @@ def peak_kib(pid: int) -> int:
     return 0
 
 
-def run_and_sample(cmd: list[str], interval: float = 0.2) -> tuple[int, dict[str, int]]:
-    """Run ``cmd``; the peak resident bytes per role over its process tree (the highest process
-    of a role when several hold it), and its exit status."""
+def run_and_sample(cmd: list[str], interval: float = 0.2) -> dict[str, int]:
+    """Run ``cmd`` (exit when it fails); the peak resident bytes per role over its process tree
+    (the highest process of a role when several hold it)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root, peaks = psutil.Process(proc.pid), {}
     while proc.poll() is None:
@@ -64,7 +64,7 @@ def run_and_sample(cmd: list[str], interval: float = 0.2) -> tuple[int, dict[str
         time.sleep(interval)
     if proc.returncode != 0:
         sys.exit(f"memory: {' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
-    return proc.returncode, peaks
+    return peaks
 
 
 def longest_row(run_dir: Path) -> int:
@@ -90,7 +90,7 @@ def main() -> None:
         run_dir = Path(tmp) / "run"
         overrides = [*args.overrides, f"trainer.max_steps={args.steps}", f"trainer.output_dir={run_dir}",
                      "loop.save_rollouts=true", "trainer.tensorboard=false"]
-        _, measured = run_and_sample([sys.executable, "-m", "switchkd.cluster.cli", "train", "--config", args.config,
+        measured = run_and_sample([sys.executable, "-m", "switchkd.cluster.cli", "train", "--config", args.config,
                                       *overrides])
         tokens = longest_row(run_dir)
     cfg = load_config(args.config, overrides)

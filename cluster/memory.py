@@ -18,10 +18,13 @@ whole estimate against measured peaks).
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from switchkd.cluster.placement import STUDENT, TEACHER, uses_private_ray
+from switchkd.rollout.models.checks import safetensors_header
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2}
@@ -62,23 +65,15 @@ def model_shape(model_dir: str | os.PathLike) -> ModelShape | None:
     hidden, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
-    params = _safetensors_params(Path(model_dir)) or _params_from_config(cfg, hidden, layers, heads, kv_heads, head_dim)
+    params = (_safetensors_params(Path(model_dir))
+              or _params_from_config(cfg, hidden, layers, heads, kv_heads, head_dim))
     return ModelShape(params, layers, hidden, kv_heads, head_dim, cfg["vocab_size"])
 
 
 def _safetensors_params(model_dir: Path) -> int:
     """Exact parameter count from the safetensors headers (only the headers are read)."""
-    total = 0
-    for path in model_dir.glob("*.safetensors"):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= dim
-                total += count
-    return total
+    return sum(math.prod(tensor["shape"]) for path in model_dir.glob("*.safetensors")
+               for name, tensor in safetensors_header(path, str(model_dir)).items() if name != "__metadata__")
 
 
 def _params_from_config(cfg: dict, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> int:
@@ -123,11 +118,6 @@ def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: i
                       reserved, f"{key}.gpu_memory_utilization={engine.gpu_memory_utilization:g} of the GPU")
 
 
-def kv_bytes_per_token(shape: ModelShape, dtype: str) -> int:
-    """Key and value of every layer for one token."""
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * DTYPE_BYTES[dtype]
-
-
 def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, cfg, device: str,
                    tokens_per_row: int | None = None, gpu_bytes: int | None = None) -> RoleMemory:
     """One DeepSpeed trainer worker (ZeRO model states per worker, activations, runtime).
@@ -158,8 +148,6 @@ def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, c
 def estimate_memory(cfg, plan, tokens_per_row: int | None = None, gpu_bytes: int | None = None) -> list[RoleMemory]:
     """Every placed role of ``plan`` (cluster.placement.PlacementPlan) and the driver; roles whose
     model has no config.json yet are left out."""
-    from switchkd.cluster.placement import STUDENT, TEACHER
-
     teacher, student = model_shape(cfg.model.teacher), model_shape(cfg.model.student)
     out = []
     for bundle in plan.bundles:
@@ -209,8 +197,7 @@ def plan_memory(cfg, plan) -> tuple[list[RoleMemory], list[str]]:
     private Ray) and GPU (when one is visible here)."""
     uses_gpu = plan.trainer_device == "cuda" or "cuda" in (cfg.rollout.teacher.device, cfg.rollout.student.device)
     roles = estimate_memory(cfg, plan, gpu_bytes=gpu_memory() if uses_gpu else None)
-    single_node = cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS")
-    return roles, check_fits(roles, host_memory(), single_node)
+    return roles, check_fits(roles, host_memory(), uses_private_ray(cfg.cluster))
 
 
 def describe_memory(roles: list[RoleMemory]) -> str:

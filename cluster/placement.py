@@ -77,6 +77,11 @@ class PlacementPlan:
 NODE_RESOURCE_SHARE = 0.01   # what a bundle asks of a node-pinning custom resource: 1 per node hosts 100 bundles
 
 
+def uses_private_ray(cluster) -> bool:
+    """The run starts its own single-node Ray: no cluster.address and not inside a `ray job submit`."""
+    return cluster.address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def _resources(cpus: float, gpus: float, node_resource: str | None = None) -> dict:
     res = {"CPU": float(cpus)} if cpus > 0 else {}
     if gpus > 0:
@@ -104,7 +109,7 @@ def plan_placement(cfg) -> PlacementPlan:
         bundles.append(Bundle(f"{TRAINER} {rank}", _resources(tc.cpus_per_worker, 1 if device == "cuda" else 0,
                                                                c.trainer_resource),
                               f"DeepSpeed ZeRO-{tc.zero_stage} on {device}, {tc.num_workers} worker(s)"))
-    private = c.address is None and not os.environ.get("RAY_ADDRESS")
+    private = uses_private_ray(c)
     for key in ("engine_resource", "trainer_resource"):
         if getattr(c, key) and private:
             raise ClusterError(f"cluster.{key}={getattr(c, key)}: a private Ray has no custom resources; join a "

@@ -65,20 +65,27 @@ def library_output_to(log_dir: str | os.PathLike, verbose: bool = False):
     LOG_DIR/driver.log and Ray workers started inside it write to LOG_DIR/worker-<pid>.log;
     switchkd's lines still reach the terminal through ``console()``. Every Python log record
     goes to driver.log too. ``verbose``: nothing is redirected (driver.log still gets the records)."""
-    global _console
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     records = logging.FileHandler(log_dir / "driver.log")
     records.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.addHandler(records)
-    if verbose or _console is not None:   # verbose, or an enclosing block already redirects
-        try:
+    try:
+        if verbose or _console is not None:   # verbose, or an enclosing block already redirects
             yield
-        finally:
-            root.removeHandler(records)
-            records.close()
-        return
+        else:
+            with _stdio_to(log_dir):
+                yield
+    finally:
+        root.removeHandler(records)
+        records.close()
+
+
+@contextmanager
+def _stdio_to(log_dir: Path):
+    """fds 1 and 2 to LOG_DIR/driver.log, ``console()`` to the terminal, LOG_DIR for new Ray workers."""
+    global _console
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -98,8 +105,6 @@ def library_output_to(log_dir: str | os.PathLike, verbose: bool = False):
         _console.close()
         _console = None
         os.environ.pop(LOG_DIR_ENV, None)
-        root.removeHandler(records)
-        records.close()
 
 
 def _point_stdio_at(path: Path) -> None:

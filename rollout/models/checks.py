@@ -58,6 +58,12 @@ def _positive_int(value) -> bool:
 def _check_safetensors(file: Path, key: str) -> None:
     """The file opens with a safetensors header (8-byte length + a JSON object) that fits in it:
     an empty, truncated or foreign file fails here, with its name, not inside an engine."""
+    safetensors_header(file, key)
+
+
+def safetensors_header(file: Path, key: str) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets); ModelError
+    naming ``key`` and the file when it is unreadable, empty, truncated or not safetensors."""
     try:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -70,6 +76,7 @@ def _check_safetensors(file: Path, key: str) -> None:
         header = None
     if not isinstance(header, dict):
         raise ModelError(f"{key}: {file} is not a safetensors file (bad or truncated header)")
+    return header
 
 
 def _check_index(path: Path, key: str) -> None:
