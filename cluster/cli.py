@@ -22,11 +22,20 @@ def _cmd_tiny_models(args) -> None:
 
 
 def _cmd_models_prepare(args) -> None:
+    from switchkd.rollout.models.checks import ModelError
     from switchkd.rollout.models.real import DEFAULT_STUDENT_LAYERS, parse_layers, prepare_default_models
 
-    layers = parse_layers(args.student_layers) if args.student_layers else DEFAULT_STUDENT_LAYERS
-    paths = prepare_default_models(args.out, student_layers=layers, force=args.force)
-    print(f"default models: teacher {paths['teacher']}, student {paths['student']}")
+    if args.pair == "qwen-coder":
+        from switchkd.rollout.models.qwen import prepare_qwen_models
+
+        if args.student_layers:
+            raise ModelError("--student-layers applies to --pair smollm2 only: the qwen-coder student is "
+                             "Qwen2.5-Coder-0.5B-Instruct, not a layer subset of the teacher")
+        paths = prepare_qwen_models(args.out, force=args.force)
+    else:
+        layers = parse_layers(args.student_layers) if args.student_layers else DEFAULT_STUDENT_LAYERS
+        paths = prepare_default_models(args.out, student_layers=layers, force=args.force)
+    print(f"{args.pair} models: teacher {paths['teacher']}, student {paths['student']}")
 
 
 def _cmd_generate(args) -> None:
@@ -155,9 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="real models from packaged weights (no hub access)")
     models_sub = p.add_subparsers(dest="models_command", required=True)
-    p = models_sub.add_parser("prepare", help="build the SmolLM2-135M-Instruct teacher and a layer-subset student (cached)")
+    p = models_sub.add_parser("prepare", help="build a teacher/student pair as bf16 safetensors (cached)")
+    p.add_argument("--pair", choices=("smollm2", "qwen-coder"), default="smollm2",
+                   help="smollm2 (default): SmolLM2-135M-Instruct and a layer-subset student; qwen-coder: "
+                        "Qwen2.5-Coder 1.5B/0.5B-Instruct (packages of requirements/qwen.txt, ~1.6 GB)")
     p.add_argument("--out", default="models", help="output directory (default: models)")
-    p.add_argument("--student-layers", default=None, help="teacher layers kept by the student, e.g. 0,3,6 (default: 0,3,...,27)")
+    p.add_argument("--student-layers", default=None,
+                   help="smollm2 only: teacher layers kept by the student, e.g. 0,3,6 (default: 0,3,...,27)")
     p.add_argument("--force", action="store_true", help="rebuild even if the cached models match")
     p.set_defaults(func=_cmd_models_prepare)
 

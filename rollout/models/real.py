@@ -176,8 +176,9 @@ def build_layer_subset_dir(teacher_dir: str | Path, layers: Sequence[int], out_d
 
 def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path, dtype: str = SAVE_DTYPE,
                    expected_vocab: int | None = None, manifest: dict | None = None) -> Path:
-    """Dequantize a llama-architecture GGUF with transformers and save a plain safetensors
-    model dir (``dtype``) with its tokenizer (padded to the model's vocab) and chat template."""
+    """Dequantize a GGUF of an architecture transformers reads (llama, qwen2, ...) straight into
+    ``dtype`` and save a plain safetensors model dir with its tokenizer (padded to the model's
+    vocab) and chat template. The output layer is tied only when the GGUF has no ``output.weight``."""
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,18 +186,21 @@ def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path, dtype: str = SAVE
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError:
         raise ModelError("reading GGUF weights needs the gguf package (pip install gguf, see requirements/cpu.txt)") from None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     src, name = gguf_path.parent, gguf_path.name
+    torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # each tensor is dequantized to float32 and cast at once: the same bits as a float32 load
+    # cast afterwards, without the float32 copy of the whole model
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch_dtype,
+                                                  quantization_config=GgufConfig(dequantize=True))
     cfg = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "name_or_path", "transformers_version"):
         cfg.pop(key, None)
     cfg["dtype"] = dtype
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch_dtype = getattr(torch, dtype)
     state = {k: v.to(torch_dtype) for k, v in loaded.state_dict().items()}
     generation_config = loaded.generation_config
     del loaded
