@@ -1,7 +1,8 @@
-"""End to end: switchkd's closed loop (SWITCH, on-policy GKD) vs TRL's GKDTrainer, same settings.
+"""End to end: switchkd's closed loop (SWITCH, on-policy GKD) vs TRL's GKDTrainer and DistillationTrainer.
 
     python benchmarks/e2e.py [--quick] [--models tiny|smollm2] [--steps N] [--warmup W]
-                             [--methods switch gkd trl] [--json out.json]
+                             [--methods switch gkd trl trl_distill] [--trl-distill-generation vllm|hf]
+                             [--json out.json]
 
 Every method trains the same student against the same teacher, from the same prompt tokens
 (the config's data.prompts, tokenized once here and handed to TRL as token ids), with the same
@@ -12,7 +13,11 @@ batch per optimizer update, max_new_tokens, learning rate and number of updates 
 * gkd: the same with ``rollout.switch.rule=student`` (the student generates every token, the
   teacher only scores it: on-policy distillation, configs/baselines/gkd.yaml's method);
 * trl: benchmarks/trl_gkd.py in .venv-trl (``make trl-venv``): TRL's GKDTrainer with lmbda=1
-  (on-policy), beta=0 (forward KL, switchkd's default loss), HF generate.
+  (on-policy), beta=0 (forward KL, switchkd's default loss), HF generate;
+* trl_distill: benchmarks/trl_distill.py: TRL's stable DistillationTrainer (on-policy), beta=0,
+  full-vocabulary teacher scoring, generating with TRL's colocated vLLM engine: run by this
+  interpreter (it has the CPU vLLM) with .venv-trl's trl package on its path (trl_on_path), or
+  with HF generate in .venv-trl (--trl-distill-generation hf).
 
 switchkd's figures come from the run itself: this script watches OUTPUT_DIR/metrics.jsonl and
 stamps the arrival of each step's line, so a step's wall time is everything the loop did
@@ -26,8 +31,10 @@ those steps / the window's wall seconds, tokens/s counts the response tokens of 
 it. TRL (sequential: generate, then train, per step) is timed from the end of step W to the end of
 step N. Phases are
 reported too: generation (switchkd: the rollout incl. teacher scoring; TRL: student generate
-only) and training (switchkd: trainer step on teacher top-k from the batch; TRL: teacher
-forward + student forward/backward + optimizer).
+only; trl_distill: vLLM generate, its weight sync apart as sync_s) and training (switchkd:
+trainer step on teacher top-k from the batch; TRL: teacher forward + student forward/backward +
+optimizer). Ratios: every method over trl_gkd (``<method>_over_trl``) and switchkd's over
+trl_distill (``<method>_over_trl_distill``).
 """
 from __future__ import annotations
 
@@ -142,23 +149,76 @@ def run_switchkd(method: str, args, work: Path) -> dict:
     }
 
 
-def run_trl(args, ids_path: Path, pair: dict, work: Path) -> dict:
-    if not TRL_PYTHON.exists():
-        raise RuntimeError(f"{TRL_PYTHON} missing: build TRL's own venv with `make trl-venv`")
-    out = work / "trl.json"
-    cmd = [str(TRL_PYTHON), str(HERE / "trl_gkd.py"), "--teacher", str(REPO / pair["teacher"]),
+# TRL peers: e2e method -> (result name, script). Both take the same command line (trl_common.py).
+TRL_PEERS = {"trl": ("trl_gkd", "trl_gkd.py"), "trl_distill": ("trl_distill", "trl_distill.py")}
+SHARED_PINS = ("torch", "transformers", "accelerate", "datasets")
+
+
+def trl_on_path(work: Path) -> dict:
+    """Environment that puts .venv-trl's trl package, and nothing else of .venv-trl, on this
+    interpreter's path. TRL's colocated vLLM generation needs vLLM importable next to TRL: this
+    interpreter has the CPU vLLM build, .venv-trl has none. Refused unless both environments hold
+    the same torch/transformers/accelerate/datasets, so TRL runs on the model code it runs on in
+    .venv-trl."""
+    from importlib import metadata
+
+    sites = sorted((REPO / ".venv-trl" / "lib").glob("python*/site-packages"))
+    if not sites or not (sites[0] / "trl").is_dir():
+        raise RuntimeError(f"no trl package under {REPO / '.venv-trl'}: build TRL's own venv with `make trl-venv`")
+    site = sites[0]
+    for pkg in SHARED_PINS:
+        theirs = sorted(d.version for d in metadata.distributions(name=pkg, path=[str(site)]))
+        if theirs != [metadata.version(pkg)]:
+            raise RuntimeError(f"{pkg}: {metadata.version(pkg)} here, {theirs} in .venv-trl; the TRL peers must run "
+                               "on the same pins (Makefile TRL_PINS)")
+    overlay = work / "trl_on_path"
+    overlay.mkdir(exist_ok=True)
+    for path in (site / "trl", *site.glob("trl-*.dist-info")):
+        if not (overlay / path.name).exists():
+            (overlay / path.name).symlink_to(path)
+    return {"PYTHONPATH": str(overlay)}
+
+
+def run_trl(method: str, args, ids_path: Path, pair: dict, work: Path) -> dict:
+    """One TRL peer in its own process; its figures come from the JSON it writes."""
+    name, script = TRL_PEERS[method]
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+    extra = ["--generation", args.trl_distill_generation] if method == "trl_distill" else []
+    if method == "trl_distill" and args.trl_distill_generation == "vllm":
+        python = Path(sys.executable)
+        env.update(trl_on_path(work))
+    else:
+        if not TRL_PYTHON.exists():
+            raise RuntimeError(f"{TRL_PYTHON} missing: build TRL's own venv with `make trl-venv`")
+        python = TRL_PYTHON
+    out = work / f"{name}.json"
+    cmd = [str(python), str(HERE / script), "--teacher", str(REPO / pair["teacher"]),
            "--student", str(REPO / pair["student"]), "--dtype", pair["dtype"], "--prompts", str(ids_path),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-           "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--json", str(out)]
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+           "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), *extra, "--json", str(out)]
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
     if res.returncode != 0:
-        raise RuntimeError(f"trl: exited {res.returncode}:\n{(res.stdout + res.stderr)[-3000:]}")
+        raise RuntimeError(f"{method}: exited {res.returncode}:\n{(res.stdout + res.stderr)[-3000:]}")
     result = json.loads(out.read_text())
     result["command"] = " ".join(cmd[1:])
     result["process_s"] = time.perf_counter() - start
     return result
+
+
+def ratios_over(methods: dict, reference: str, suffix: str) -> dict:
+    """Every other method's rates over ``reference``'s, as ``<method>_over_<suffix>``."""
+    ref = methods[reference]
+    return {
+        f"{name}_over_{suffix}": {
+            "samples_per_s": res["samples_per_s"] / ref["samples_per_s"],
+            "median_step_samples_per_s": res["median_step_samples_per_s"] / ref["median_step_samples_per_s"],
+            "best_step_samples_per_s": res["best_step_samples_per_s"] / ref["best_step_samples_per_s"],
+            "tokens_per_s": res["tokens_per_s"] / ref["tokens_per_s"],
+            "generation_tokens_per_s": res["phases"]["generation_tokens_per_s"]
+            / ref["phases"]["generation_tokens_per_s"],
+            "training_tokens_per_s": res["phases"]["training_tokens_per_s"] / ref["phases"]["training_tokens_per_s"],
+        } for name, res in methods.items() if name != reference}
 
 
 def run(args) -> dict:
@@ -176,8 +236,8 @@ def run(args) -> dict:
             print(f"e2e: {method} ...", flush=True)
             load_before = os.getloadavg()[0]
             try:
-                if method == "trl":
-                    name, res = "trl_gkd", run_trl(args, ids_path, report["config"], work)
+                if method in TRL_PEERS:
+                    name, res = TRL_PEERS[method][0], run_trl(method, args, ids_path, report["config"], work)
                 else:
                     name, res = f"switchkd_{method}", run_switchkd(method, args, work)
                 res["load_avg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
@@ -194,25 +254,20 @@ def run(args) -> dict:
     for name, res in m.items():
         print(f"e2e: {name}: {res['samples_per_s']:.3f} samples/s, {res['tokens_per_s']:.1f} tokens/s "
               f"over {res['timed_steps']} steps", flush=True)
+    if "trl_gkd" in m or "trl_distill" in m:
+        report["ratios"] = {}
     if "trl_gkd" in m:
-        trl = m["trl_gkd"]
-        report["ratios"] = {
-            f"{name}_over_trl": {
-                "samples_per_s": res["samples_per_s"] / trl["samples_per_s"],
-                "median_step_samples_per_s": res["median_step_samples_per_s"] / trl["median_step_samples_per_s"],
-                "best_step_samples_per_s": res["best_step_samples_per_s"] / trl["best_step_samples_per_s"],
-                "tokens_per_s": res["tokens_per_s"] / trl["tokens_per_s"],
-                "generation_tokens_per_s": res["phases"]["generation_tokens_per_s"]
-                / trl["phases"]["generation_tokens_per_s"],
-                "training_tokens_per_s": res["phases"]["training_tokens_per_s"] / trl["phases"]["training_tokens_per_s"],
-            } for name, res in m.items() if name != "trl_gkd"}
-        if "switchkd_switch" in m:
-            r = report["ratios"]["switchkd_switch_over_trl"]
-            keys = ("samples_per_s", "median_step_samples_per_s", "best_step_samples_per_s")
-            # Met only if it holds however the rate is taken (window, median step, fastest step).
-            worst = min(r[k] for k in keys)
-            report["target"] = {"switch_over_trl_samples_per_s": r["samples_per_s"], "worst_of_window_median_best": worst,
-                                "required": 3.0, "met": worst >= 3.0}
+        report["ratios"].update(ratios_over(m, "trl_gkd", "trl"))
+    if "trl_distill" in m:   # switchkd's methods over TRL's DistillationTrainer too (trl_gkd over it is above)
+        report["ratios"].update(ratios_over({k: v for k, v in m.items() if k != "trl_gkd"}, "trl_distill",
+                                            "trl_distill"))
+    if "trl_gkd" in m and "switchkd_switch" in m:
+        r = report["ratios"]["switchkd_switch_over_trl"]
+        keys = ("samples_per_s", "median_step_samples_per_s", "best_step_samples_per_s")
+        # Met only if it holds however the rate is taken (window, median step, fastest step).
+        worst = min(r[k] for k in keys)
+        report["target"] = {"switch_over_trl_samples_per_s": r["samples_per_s"], "worst_of_window_median_best": worst,
+                            "required": 3.0, "met": worst >= 3.0}
     return report
 
 
@@ -233,9 +288,10 @@ def ensure_models(models: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny pair, 4 steps, switch + trl (no targets)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny pair, 4 steps, switch + trl + trl_distill (no targets)")
     parser.add_argument("--models", choices=tuple(CONFIGS), default="tiny")
-    parser.add_argument("--methods", nargs="+", choices=("switch", "gkd", "trl"), default=None)
+    parser.add_argument("--methods", nargs="+", choices=("switch", "gkd", *TRL_PEERS), default=None)
     parser.add_argument("--steps", type=int, default=None, help="optimizer updates per method (default 12)")
     parser.add_argument("--warmup", type=int, default=None, help="updates excluded from the rate (default 2)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -245,14 +301,16 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompts", type=int, default=32)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra switchkd config overrides for every switchkd method (recorded in the commands)")
+    parser.add_argument("--trl-distill-generation", choices=("vllm", "hf"), default="vllm",
+                        help="trl_distill's generation: TRL's colocated vLLM engine (default) or HF generate")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     if args.quick:
         args.models = "tiny"
-        args.methods = args.methods or ["switch", "trl"]
+        args.methods = args.methods or ["switch", "trl", "trl_distill"]
         args.steps, args.warmup = args.steps or 4, args.warmup or 1
         args.max_new_tokens = min(args.max_new_tokens, 16)
-    args.methods = args.methods or ["switch", "gkd", "trl"]
+    args.methods = args.methods or ["switch", "gkd", "trl", "trl_distill"]
     args.steps, args.warmup = args.steps or 12, args.warmup or 2
     if not 1 <= args.warmup <= args.steps - 2:
         parser.error("need 1 <= --warmup <= --steps - 2 (the last step has no rollout ahead of it)")

@@ -22,25 +22,10 @@ including EOS, as switchkd counts response tokens.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import tempfile
 import time
-from importlib import metadata
-from pathlib import Path
 
-
-def _versions() -> dict:
-    out = {}
-    for pkg in ("torch", "trl", "transformers", "accelerate", "datasets"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+import trl_common
 
 
 class PromptCollator:
@@ -66,19 +51,11 @@ class PromptCollator:
 
 
 def run(args) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    torch.set_num_threads(args.threads)
-    prompts = json.loads(Path(args.prompts).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(args.student)
-    dtype = getattr(torch, args.dtype)
-    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype)
-
-    record = {"gen_s": [], "gen_tokens": [], "step_end": []}
+    prompts, tokenizer, student, teacher = trl_common.load_pair(args)
+    record = trl_common.new_record()
 
     class TimedGKD(GKDTrainer):
         @staticmethod
@@ -89,79 +66,26 @@ def run(args) -> dict:
             record["gen_tokens"].append(int(mask[:, inputs["prompts"].shape[1]:].sum()))
             return ids, mask, labels
 
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            record["train_begin"] = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            record["step_end"].append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as tmp:
-        config = GKDConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-            max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=True, bf16=args.dtype == "bfloat16", seed=args.seed, data_seed=args.seed,
-            dataloader_drop_last=True, lmbda=1.0, beta=0.0, temperature=1.0, max_new_tokens=args.max_new_tokens,
-            max_length=4096, disable_tqdm=True)
+        config = GKDConfig(**trl_common.training_args(args, tmp), lmbda=1.0, max_new_tokens=args.max_new_tokens,
+                           max_length=4096)
         trainer = TimedGKD(model=student, teacher_model=teacher, args=config,
                            train_dataset=Dataset.from_dict({"prompt_ids": prompts}),
                            processing_class=tokenizer, data_collator=PromptCollator(tokenizer.pad_token_id or 0),
-                           callbacks=[StepClock()])
+                           callbacks=[trl_common.step_clock(record)])
         start = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - start
-    return summarize(record, args, total)
-
-
-def summarize(record: dict, args, total_s: float) -> dict:
-    """Per-step figures and the end-to-end rate over the steps after the warm-up."""
-    ends = [record["train_begin"]] + record["step_end"]
-    step_s = [b - a for a, b in zip(ends, ends[1:])]
-    w = args.warmup
-    timed_steps = len(step_s) - w
-    wall = ends[-1] - ends[w]
-    tokens = sum(record["gen_tokens"][w:])
-    gen = sum(record["gen_s"][w:])
-    return {
-        "benchmark": "trl_gkd",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "threads": args.threads, "versions": _versions()},
-        "config": {"teacher": args.teacher, "student": args.student, "dtype": args.dtype, "steps": args.steps,
-                   "warmup_steps": w, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                   "lr": args.lr, "lmbda": 1.0, "beta": 0.0, "temperature": 1.0, "prompts": args.prompts},
-        "step_seconds": step_s, "generation_seconds": record["gen_s"], "generated_tokens": record["gen_tokens"],
-        "timed_steps": timed_steps, "wall_s": wall, "total_train_call_s": total_s,
-        "samples_per_s": args.batch_size * timed_steps / wall, "tokens_per_s": tokens / wall,
-        "step_s": {"min_s": min(step_s[w:]), "median_s": statistics.median(step_s[w:]), "max_s": max(step_s[w:]),
-                   "repeats": timed_steps},
-        "phases": {"generation_s": gen, "training_s": wall - gen,
-                   "generation_tokens_per_s": tokens / gen, "training_tokens_per_s": tokens / (wall - gen)},
-    }
+    return trl_common.summarize(record, args, total, "trl_gkd",
+                                {"lmbda": 1.0, "generation": "hf",
+                                 "gradient_checkpointing": config.gradient_checkpointing})
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON list of prompt token-id lists")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", required=True)
+    parser = trl_common.parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    if args.steps <= args.warmup:
-        parser.error("--steps must exceed --warmup")
-    result = run(args)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    print(json.dumps({k: result[k] for k in ("samples_per_s", "tokens_per_s", "wall_s", "timed_steps")}))
+    trl_common.check_args(parser, args)
+    trl_common.write_result(args, run(args))
 
 
 if __name__ == "__main__":

@@ -27,11 +27,15 @@ def test_run_quick_writes_every_result_and_plot(tmp_path):
 
     e2e = json.loads((out / "e2e_tiny.json").read_text())
     assert not e2e["errors"]
-    assert set(e2e["methods"]) == {"switchkd_switch", "trl_gkd"}
+    assert set(e2e["methods"]) == {"switchkd_switch", "trl_gkd", "trl_distill"}
     for method in e2e["methods"].values():
         assert method["samples_per_s"] > 0 and method["tokens_per_s"] > 0 and method["timed_steps"] >= 1
         assert method["phases"]["generation_tokens_per_s"] > 0 and method["phases"]["training_tokens_per_s"] > 0
     assert e2e["ratios"]["switchkd_switch_over_trl"]["samples_per_s"] > 0
+    assert e2e["ratios"]["switchkd_switch_over_trl_distill"]["samples_per_s"] > 0
+    distill = e2e["methods"]["trl_distill"]   # TRL's DistillationTrainer on its colocated vLLM engine
+    assert distill["config"]["generation"] == "vllm" and distill["machine"]["versions"]["vllm"]
+    assert distill["phases"]["sync_s"] > 0 and distill["phases"]["teacher_forward_s"] > 0
     timeline = e2e["methods"]["switchkd_switch"]["timeline"]
     assert timeline["steps"] == 4 and timeline["train_seconds"] > 0 and 0 <= timeline["rollout_hidden_fraction"] <= 1
 
