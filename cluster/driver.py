@@ -37,14 +37,16 @@ from tqdm import tqdm
 
 from switchkd.cluster.config import ConfigError
 from switchkd.cluster.memory import plan_memory
-from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, placement_group_for,
-                                        plan_placement, ray_session, record_placement)
+from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, lost_nodes,
+                                        node_lost_error, placement_group_for, plan_placement, ray_session,
+                                        record_placement)
 from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout.data import schema
 from switchkd.rollout.data.prompts import PromptError, load_prompts
 from switchkd.rollout.engines.actors import ENGINE_DIED, InBackground, start_engines
 from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
 from switchkd.rollout.logs import console
+from switchkd.rollout.weight_sync.interface import WeightSyncError
 from switchkd.rollout.models.checks import check_pair
 from switchkd.rollout.data.sequences import Prompt
 from switchkd.rollout.switch import prompt_seed
@@ -54,6 +56,12 @@ from switchkd.trainer.group import Trainer
 from switchkd.trainer.offline import batch_rows
 
 log = logging.getLogger(__name__)
+
+# Failures a lost node causes (an actor that died with it, a broadcast or call that lost its peer).
+# After one, the driver waits this long for Ray to mark the node dead (its health checks take
+# seconds) to tell a lost node from any other failure.
+CLUSTER_FAILURES = (*ENGINE_DIED, ClusterError, WeightSyncError, TimeoutError)
+NODE_LOSS_WAIT_S = 45.0
 
 
 class Interrupt:
@@ -197,9 +205,15 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         source = RolloutSource(build_generator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
                                tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir,
                                student_version=lambda: engines[1].call("version"),
-                               recover=lambda: _recover_engines(engines, sync, cfg.sync.timeout_s),
+                               recover=lambda: _recover_engines(engines, sync, cfg, pg, plan, placed),
                                max_restarts=cfg.cluster.engine_max_restarts)
-        result = _loop(cfg, trainer, sync, source, total, data_state, progress, interrupt)
+        try:
+            result = _loop(cfg, trainer, sync, source, total, data_state, progress, interrupt)
+        except Exception as e:
+            if lost := lost_nodes(placed, NODE_LOSS_WAIT_S if isinstance(e, CLUSTER_FAILURES) else 0.0):
+                raise node_lost_error(placed, lost, trainer.step) from e
+            raise
+        _record_moves(placed, record_placement(pg, plan, tc.output_dir))
         return {**result, "skipped_prompts": dict(skipped), "prompts": len(prompts)}
 
 
@@ -274,13 +288,27 @@ def _timed(fn, *args, **kwargs) -> tuple[object, tuple[float, float]]:
     return result, (start, time.perf_counter())
 
 
-def _recover_engines(engines, sync, timeout_s: float) -> int:
-    """After an engine died: wait for the restarted actors, give the student engine back the
-    weights it served (a restarted one serves its initial weights) and return its version."""
+def _recover_engines(engines, sync, cfg, pg, plan, placed: dict) -> int:
+    """After an engine died: wait until Ray has placed the group again (an engine whose node was
+    lost restarts on another node with capacity), wait for the restarted actors, give the student
+    engine back the weights it served (a restarted one serves its initial weights) and return its
+    version. ``placed`` is updated to where the roles are now."""
+    if not pg.wait(timeout_seconds=cfg.cluster.placement_timeout_s):
+        raise ClusterError(f"Ray could not place the engines again within cluster.placement_timeout_s="
+                           f"{cfg.cluster.placement_timeout_s:g} s")
     for handle in engines:
         if handle.actor is not None:
-            handle.wait_until_ready(timeout_s)
+            handle.wait_until_ready(cfg.sync.timeout_s)
+    _record_moves(placed, record_placement(pg, plan, cfg.trainer.output_dir))
     return sync.reload()
+
+
+def _record_moves(placed: dict, now: dict) -> None:
+    """Log the roles that Ray placed on another node (after a lost node) and update ``placed``."""
+    if moved := [f"{role} to node {where['node_id'][:8]}" for role, where in now.items()
+                 if placed[role]["node_id"] != where["node_id"]]:
+        log.warning("roles moved: %s", "; ".join(moved))
+    placed.update(now)
 
 
 def _check_same_node(pg, plan) -> None:

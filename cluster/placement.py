@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,3 +198,30 @@ def record_placement(pg, plan: PlacementPlan, out_dir: Path) -> dict[str, dict]:
               for b, node in zip(plan.bundles, (bundle_nodes(pg)[i] for i in range(len(plan.bundles))))}
     atomic_write_bytes(Path(out_dir) / "placement.json", (json.dumps(placed, indent=2) + "\n").encode())
     return placed
+
+
+def lost_nodes(placed: dict[str, dict], wait_s: float) -> dict[str, list[str]]:
+    """The nodes of ``placed`` (record_placement's) that Ray reports dead: {node_id: [roles]}.
+    A node killed a moment ago is only marked dead after Ray's health checks fail, so this
+    polls for up to ``wait_s`` seconds before answering that none is lost."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        lost: dict[str, list[str]] = {}
+        for role, where in placed.items():
+            if where["node_id"] not in alive:
+                lost.setdefault(where["node_id"], []).append(role)
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(1.0)
+
+
+def node_lost_error(placed: dict[str, dict], lost: dict[str, list[str]], step: int) -> ClusterError:
+    """One line naming each lost node, what it hosted and how the run continues."""
+    nodes = "; ".join(f"node {node} ({placed[roles[0]]['node_ip']}), which hosted the {', '.join(roles)}"
+                      for node, roles in lost.items())
+    return ClusterError(f"Ray lost {nodes}, at step {step}: the run stopped and released its actors and "
+                        f"placement group; restart the node (or add capacity) and continue from the last "
+                        f"checkpoint with --resume")
