@@ -57,8 +57,6 @@ from switchkd.cluster.plots import timeline_summary  # noqa: E402
 
 TRL_PYTHON = REPO / ".venv-trl" / "bin" / "python"
 CONFIGS = {"tiny": REPO / "configs" / "tiny.yaml", "smollm2": REPO / "configs" / "smollm2.yaml"}
-# The trainer's precision follows the pair's dtype, as TRL's does (trl_gkd.py: bf16=True for bfloat16).
-PRECISION = {"tiny": "fp32", "smollm2": "bf16"}
 METHOD_OVERRIDES = {"switch": [], "gkd": ["rollout.switch.rule=student"]}
 RUN_TIMEOUT_S = 1800
 
@@ -69,7 +67,14 @@ def settings(args) -> list[str]:
             f"trainer.micro_batch_size={min(4, args.batch_size)}", f"rollout.max_new_tokens={args.max_new_tokens}",
             f"trainer.lr={args.lr}", "trainer.lr_schedule=constant", "trainer.warmup_steps=0", "trainer.loss=forward_kl",
             f"data.prompts={args.prompts}", f"data.max_prompts={args.max_prompts}", "loop.export=false",
-            f"trainer.precision={PRECISION[args.models]}", *args.set]
+            f"trainer.precision={precision(args.models)}", *args.set]
+
+
+def precision(models: str) -> str:
+    """The trainer's precision: the pair's dtype, as TRL's (trl_common.py: bf16=True for bfloat16)."""
+    from switchkd.cluster.config import load_config
+
+    return "bf16" if load_config(CONFIGS[models]).model.dtype == "bfloat16" else "fp32"
 
 
 def write_prompt_ids(args, path: Path) -> dict:
