@@ -13,7 +13,6 @@ costs reading the parts once and loads nothing.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.metadata
 import logging
 import math
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from switchkd.rollout.models.checks import ModelError
-from switchkd.rollout.models.real import MANIFEST_VERSION, SAVE_DTYPE, _manifest_matches, gguf_to_hf_dir
+from switchkd.rollout.models.real import MANIFEST_VERSION, SAVE_DTYPE, _manifest_matches, gguf_to_hf_dir, sha256_files
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +112,6 @@ def check_part_sizes(spec: PartedGGUF, parts: Sequence[Path]) -> None:
                              f"{spec.package(i)}=={spec.version}`")
 
 
-def sha256_parts(parts: Sequence[Path], chunk: int = 1 << 22) -> str:
-    """sha256 of the concatenation of ``parts``, i.e. of the assembled GGUF."""
-    h = hashlib.sha256()
-    for path in parts:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
 def concat_parts(parts: Sequence[Path], out_path: Path) -> Path:
     """Write ``parts`` in order into ``out_path``, streamed (never a whole part in memory)."""
     with open(out_path, "wb") as out:
@@ -197,7 +186,7 @@ def prepare_qwen_models(out_dir: str | Path = "models", force: bool = False) -> 
 
 
 def _prepare_one(spec: PartedGGUF, parts: list[Path], model_dir: Path, force: bool) -> None:
-    source = {"version": MANIFEST_VERSION, "source": spec.source, "source_sha256": sha256_parts(parts)}
+    source = {"version": MANIFEST_VERSION, "source": spec.source, "source_sha256": sha256_files(parts)}
     if not force and _manifest_matches(model_dir, {**source, "dtype": SAVE_DTYPE}):
         return
     log.info("building %s from %d parts of %s", model_dir, len(parts), spec.source)

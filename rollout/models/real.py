@@ -67,12 +67,18 @@ def find_smollm2_gguf() -> Path:
     raise ModelError(f"package {SMOLLM2_PACKAGE} {dist.version} has no {SMOLLM2_GGUF}; {hint}")
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+def sha256_files(paths: Sequence[str | Path], chunk: int = 1 << 22) -> str:
+    """sha256 of the concatenation of ``paths`` (a GGUF split into parts), streamed."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return sha256_files([path])
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:

@@ -10,7 +10,8 @@ from switchkd.cluster.cli import main
 from switchkd.rollout.models import qwen
 from switchkd.rollout.models import real as real_models
 from switchkd.rollout.models.checks import ModelError
-from switchkd.rollout.models.qwen import PartedGGUF, assemble_gguf, find_gguf_parts, sha256_parts
+from switchkd.rollout.models.qwen import PartedGGUF, assemble_gguf, find_gguf_parts
+from switchkd.rollout.models.real import sha256_files
 
 PART_BYTES = 1024
 
@@ -67,7 +68,7 @@ def test_parts_found_in_order_and_assembled(site, tmp_path, gguf_bytes):
     assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, spec.parts + 1)]
     out = assemble_gguf(spec, parts, tmp_path / "out.gguf")
     assert out.read_bytes() == gguf_bytes
-    assert sha256_parts(parts) == hashlib.sha256(gguf_bytes).hexdigest()
+    assert sha256_files(parts) == hashlib.sha256(gguf_bytes).hexdigest()
     assert qwen.gguf_expected_size(out) == len(gguf_bytes)
 
 
