@@ -39,7 +39,7 @@ from switchkd.cluster.config import ConfigError
 from switchkd.cluster.memory import plan_memory
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, lost_nodes,
                                         node_lost_error, placement_group_for, plan_placement, ray_session,
-                                        record_placement)
+                                        record_placement, uses_private_ray)
 from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout.data import schema
 from switchkd.rollout.data.prompts import PromptError, load_prompts
@@ -210,7 +210,9 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         try:
             result = _loop(cfg, trainer, sync, source, total, data_state, progress, interrupt)
         except Exception as e:
-            if lost := lost_nodes(placed, NODE_LOSS_WAIT_S if isinstance(e, CLUSTER_FAILURES) else 0.0):
+            # a private Ray is this one node: nothing to wait for when one of its actors dies
+            wait = NODE_LOSS_WAIT_S if isinstance(e, CLUSTER_FAILURES) and not uses_private_ray(cfg.cluster) else 0.0
+            if lost := lost_nodes(placed, wait):
                 raise node_lost_error(placed, lost, trainer.step) from e
             raise
         _record_moves(placed, record_placement(pg, plan, tc.output_dir))
