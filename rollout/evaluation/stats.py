@@ -50,14 +50,26 @@ def paired_bootstrap(a, b, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float
     a, b = a[:, keep], b[:, keep]
     n = a.shape[1]
     if n == 0:
-        return {"n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "lo": math.nan, "hi": math.nan}
+        return {"n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "lo": math.nan, "hi": math.nan,
+                "n_to_decide": None}
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, n, size=(resamples, n))
     stats = _resampled_means(b, prompts, rng) - _resampled_means(a, prompts, rng)
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(stats, [tail, 100 - tail])
-    return {"n": int(n), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": float(b.mean() - a.mean()),
-            "lo": float(lo), "hi": float(hi)}
+    diff = float(b.mean() - a.mean())
+    return {"n": int(n), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": diff,
+            "lo": float(lo), "hi": float(hi), "n_to_decide": prompts_to_decide(n, diff, (hi - lo) / 2)}
+
+
+def prompts_to_decide(n: int, diff: float, half_width: float) -> int | None:
+    """Prompts at which an interval of this kind would just exclude 0 for a difference of ``diff``:
+    the half-width shrinks as 1/sqrt(prompts), so n (half_width / |diff|)^2. It assumes the
+    per-prompt spread stays as measured; seed-to-seed noise does not shrink with more prompts, so
+    with several seeds it is a lower bound. None when the difference is 0."""
+    if diff == 0 or not math.isfinite(diff) or not math.isfinite(half_width):
+        return None
+    return max(1, math.ceil(n * (half_width / abs(diff)) ** 2 - 1e-9))
 
 
 def _resampled_means(x: np.ndarray, prompts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -106,13 +118,15 @@ def compare(a: Sequence[dict], b: Sequence[dict], *, by_bucket: bool = True) -> 
 def compare_lines(result: dict, name_a: str, name_b: str) -> list[str]:
     """The comparison as a table: one line per mode, metric and bucket; * marks a CI without 0."""
     lines = [f"B = {name_b} vs A = {name_a}: paired bootstrap 95% CI of mean(B) - mean(A) over the same prompts",
-             f"{'mode':<8} {'metric':<36} {'bucket':<8} {'n':>4} {'A':>8} {'B':>8} {'B - A':>8}  95% CI"]
+             f"{'mode':<8} {'metric':<36} {'bucket':<8} {'n':>4} {'A':>8} {'B':>8} {'B - A':>8}  95% CI  "
+             "(prompts for a CI that excludes 0 at this difference)"]
     for mode, metrics in result.items():
         for metric, entries in metrics.items():
             label, higher = METRICS[metric]
             for bucket, e in entries.items():
                 mark = "*" if e["n"] and (e["lo"] > 0 or e["hi"] < 0) else " "
                 better = "" if not mark.strip() else (" (B better)" if (e["diff"] > 0) == higher else " (A better)")
+                need = "" if mark.strip() or e.get("n_to_decide") is None else f" (~{e['n_to_decide']} prompts)"
                 lines.append(f"{mode:<8} {label:<36} {bucket:<8} {e['n']:>4} {e['mean_a']:>8.3f} {e['mean_b']:>8.3f} "
-                             f"{e['diff']:>+8.3f}  [{e['lo']:+.3f}, {e['hi']:+.3f}]{mark}{better}")
+                             f"{e['diff']:>+8.3f}  [{e['lo']:+.3f}, {e['hi']:+.3f}]{mark}{better}{need}")
     return lines

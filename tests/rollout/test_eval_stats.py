@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from switchkd.rollout.data.prompts import Example
-from switchkd.rollout.evaluation.stats import compare, compare_lines, paired_bootstrap, seeded_sample
+from switchkd.rollout.evaluation.stats import compare, compare_lines, paired_bootstrap, prompts_to_decide, seeded_sample
 from switchkd.rollout.evaluation.evaluate import Decoded, drawn_logprobs, score_responses
 from switchkd.rollout.data.sequences import Prompt
 
@@ -133,3 +133,17 @@ def test_compare_pairs_prompts_by_index_and_splits_buckets():
     assert result["greedy"]["rougeL"]["0-15"]["n"] == 3 and result["greedy"]["rougeL"]["16-31"]["n"] == 2
     lines = compare_lines(result, "a.json", "b.json")
     assert any("ROUGE-L vs reference" in line and "*" in line and "(B better)" in line for line in lines)
+
+
+def test_prompts_to_decide_follows_the_square_root_law():
+    """A normal difference of 0.3 with unit spread needs about (1.96 / 0.3)^2 = 43 prompts for a
+    95% interval that excludes 0, whatever the number measured."""
+    rng = np.random.default_rng(3)
+    for n in (200, 2000):
+        d = rng.normal(0.3, 1.0, size=n)
+        r = paired_bootstrap(np.zeros_like(d), d)
+        want = n * (1.96 * d.std(ddof=1) / math.sqrt(n)) ** 2 / d.mean() ** 2
+        assert r["n_to_decide"] == pytest.approx(want, rel=0.1)
+        assert 30 < r["n_to_decide"] < 60
+    assert paired_bootstrap([0.0, 1.0], [0.0, 1.0])["n_to_decide"] is None   # no difference: undecidable
+    assert prompts_to_decide(100, -0.5, 1.0) == 400 and prompts_to_decide(100, 0.5, 0.1) == 4
