@@ -2,7 +2,7 @@
 
 Same prompts, same models, one run; each method is warmed up, then timed over --repeats.
 
-    python benchmarks/rollout_throughput.py [--quick] [--models tiny|smollm2] [--json out.json]
+    python benchmarks/rollout_throughput.py [--quick] [--models tiny|smollm2|qwen-coder] [--json out.json]
 
 lockstep (rollout.mode's default) runs on its own PairEngine (prefix caching off; the teacher
 engine in a child process stepping at the same time as the student, rollout.lockstep_teacher's
@@ -42,6 +42,7 @@ from common import machine_info, stats, timed, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EOS_DEFAULT = 2
+MODELS = ("tiny", "smollm2", "qwen-coder")
 
 
 def _models(which: str) -> tuple[str, str, str]:
@@ -52,6 +53,11 @@ def _models(which: str) -> tuple[str, str, str]:
         out = Path(tempfile.mkdtemp(prefix="switchkd_bench_"))
         paths = build_tiny_models(out, seed=0)
         return str(paths["teacher"]), str(paths["student"]), "float32"
+    if which == "qwen-coder":  # prepared by `make models-qwen` (its packages are not in the default install)
+        from switchkd.rollout.models.qwen import prepare_qwen_models
+
+        paths = prepare_qwen_models(REPO / "models")
+        return str(paths["teacher"]), str(paths["student"]), "bfloat16"
     from switchkd.rollout.models.real import prepare_default_models
 
     paths = prepare_default_models(REPO / "models")
@@ -200,20 +206,29 @@ def _teacher_fraction(seqs) -> float:
     return sum(owners) / max(1, len(owners))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rollout_args(description: str, *extra) -> argparse.Namespace:
+    """The command line of a rollout benchmark (``extra``: (flag, kwargs) pairs of its own);
+    --quick forces the tiny pair, 4 prompts of 16 tokens, one call."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny models, few prompts (seconds; no targets)")
-    parser.add_argument("--models", choices=("tiny", "smollm2"), default="tiny")
+    parser.add_argument("--models", choices=MODELS, default="tiny")
     parser.add_argument("--student", help="another student (HF dir, e.g. a run's warmup/export) with the pair's teacher")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--tau0", type=float, help="SWITCH threshold at t = 0 (default: rollout.switch.tau0's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the result here")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
     args = parser.parse_args()
     if args.quick:
         args.models, args.prompts, args.max_new_tokens, args.repeats = "tiny", 4, 16, 1
+    return args
+
+
+def main() -> None:
+    args = rollout_args(__doc__.splitlines()[0], ("--tau0", dict(
+        type=float, help="SWITCH threshold at t = 0 (default: rollout.switch.tau0's default)")))
     write_json(run(args), args.json)
 
 

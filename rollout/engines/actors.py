@@ -7,6 +7,7 @@ actors, so with Ray the two engines work in parallel within a round.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -108,6 +109,19 @@ class _Keyed:
         return dict(zip(self.keys[0], drafts)), dict(zip(self.keys[1], rows))
 
 
+class _Mapped:
+    """A pending result passed through ``fn`` when collected."""
+
+    def __init__(self, pending, fn):
+        self.pending, self.fn = pending, fn
+
+    def done(self) -> bool:
+        return self.pending.done()
+
+    def result(self, *args):
+        return self.fn(self.pending.result(*args))
+
+
 class _RayPending:
     def __init__(self, ref):
         self.ref = ref
@@ -154,10 +168,25 @@ class InBackground:
 
 
 class EngineHandle:
-    """Uniform async-style access to an engine object or a Ray actor of one."""
+    """Uniform async-style access to an engine object or a Ray actor of one. With ``head`` (an
+    output_head.OutputHead; the engine started with rows="hidden") the hidden-state rows of its
+    decode, score and advance results become full-vocabulary log-prob rows here, on the
+    receiving side, so callers see the same results either way."""
 
-    def __init__(self, engine=None, actor=None):
-        self.engine, self.actor = engine, actor
+    def __init__(self, engine=None, actor=None, head=None):
+        self.engine, self.actor, self.head = engine, actor, head
+
+    def _logprobs(self, pending, kind: str):
+        if self.head is None:
+            return pending
+        draft = lambda r: dataclasses.replace(r, logprobs=self.head(r.logprobs))
+        convert = {
+            "decode": lambda results: [draft(r) for r in results],
+            "score": lambda blocks: [self.head(b) for b in blocks],
+            "advance": lambda out: ({k: draft(r) for k, r in out[0].items()},
+                                    {k: self.head(b) for k, b in out[1].items()}),
+        }[kind]
+        return _Mapped(pending, convert)
 
     def _call(self, method: str, *args, **kwargs):
         if self.actor is not None:
@@ -168,10 +197,10 @@ class EngineHandle:
         return _Done(getattr(self.engine, method)(*args, **kwargs))
 
     def decode_async(self, *args, **kwargs):
-        return self._call("decode", *args, **kwargs)
+        return self._logprobs(self._call("decode", *args, **kwargs), "decode")
 
     def score_async(self, *args, **kwargs):
-        return self._call("score", *args, **kwargs)
+        return self._logprobs(self._call("score", *args, **kwargs), "score")
 
     def submit(self, method: str, *args):
         """Call ``method`` without blocking this thread: a Ray actor call, or, for an engine in
@@ -206,7 +235,7 @@ class EngineHandle:
         """One continuous-batching call (VLLMEngine.advance). An engine without one (a server
         teacher) runs both batches to completion, concurrently, with the same result shape."""
         if self.actor is not None or hasattr(self.engine, "advance"):
-            return self._call("advance", decode, score)
+            return self._logprobs(self._call("advance", decode, score), "advance")
         strip = lambda request: {k: v for k, v in request.items() if k != "keys"}
         pending = (self.decode_async(**strip(decode)) if decode else _Done([]),
                    self.score_async(**strip(score)) if score else _Done([]))
@@ -263,8 +292,14 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
             handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
             continue
         role = "teacher" if cls is TeacherEngine else "student"
-        handles.append(_start(cls, role, engine, engine_kwargs(path, model, engine, rollout.seed), rollout,
-                              placement, max_restarts))
+        kwargs = engine_kwargs(path, model, engine, rollout.seed)
+        head = None
+        if cls is TeacherEngine and rollout.teacher_rows == "hidden":
+            from switchkd.rollout.engines.output_head import OutputHead
+
+            kwargs["rows"], head = "hidden", OutputHead(path)
+        handles.append(_start(cls, role, engine, kwargs, rollout, placement, max_restarts))
+        handles[-1].head = head
     return handles[0], handles[1]
 
 

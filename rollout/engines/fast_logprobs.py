@@ -21,6 +21,11 @@ ask for the full vocabulary (and only for those):
   off and computed here without ``gather_logprobs``' sort; only the rows the engine
   actually computes (from ``num_computed_tokens`` on, i.e. after a prefix-cache hit) are
   allocated and returned. Other requests go through the original method.
+* hidden-state rows: a ``-1`` request whose ``extra_args`` carry ``HIDDEN_ROWS_ARGS`` gets the
+  model's final hidden states (after the final norm, the input of its output layer; float32
+  [rows, d_model]) in place of the log-prob rows, on both paths (``GPUModelRunner.sample_tokens``
+  keeps the batch's sample hidden states for ``_sample``). The receiver applies the output layer
+  (``output_head.OutputHead``): d_model values per token cross the wire instead of V.
 * front end (``LogprobsProcessor.from_new_request``): ``-1`` requests get
   :class:`FastLogprobsProcessor`, which keeps numpy rows (views of the engine's tensors)
   in :class:`FullVocabLogprobs` / :class:`FullVocabPromptLogprobs` instead of Python
@@ -62,6 +67,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 # What install() replaces: (owner, attribute, signature of the original it was written for).
 # tests/rollout/test_vllm_engine.py checks these against the installed vLLM.
 PATCH_TARGETS: list[tuple[Any, str, str]] = [
+    (GPUModelRunner, "sample_tokens", "(self, grammar_output: 'GrammarOutput | None') -> "
+     "vllm.v1.outputs.ModelRunnerOutput | vllm.v1.outputs.AsyncModelRunnerOutput | "
+     "vllm.sequence.IntermediateTensors"),
     (GPUModelRunner, "_sample", "(self, logits: torch.Tensor | None, spec_decode_metadata: "
      "vllm.v1.spec_decode.metadata.SpecDecodeMetadata | None) -> vllm.v1.outputs.SamplerOutput"),
     (GPUModelRunner, "_get_prompt_logprobs_dict", "(self, hidden_states: torch.Tensor, "
@@ -74,6 +82,10 @@ PATCH_TARGETS: list[tuple[Any, str, str]] = [
 ORIGINALS: dict[str, Any] = vllm.__dict__.setdefault("_switchkd_fastpath_originals", {})
 _RAW_ORIGINALS: dict[str, Any] = vllm.__dict__.setdefault("_switchkd_fastpath_raw_originals", {})
 _install_lock = threading.Lock()
+
+# ``SamplingParams.extra_args`` of a request that wants hidden-state rows instead of log-probs.
+HIDDEN_ROWS_KEY = "switchkd_rows"
+HIDDEN_ROWS_ARGS = {HIDDEN_ROWS_KEY: "hidden"}
 
 # Which layout the front end received, per kind (rows): "fast" means the worker was patched
 # and the batch qualified; "stock" means the sorted layout was scattered back into id order.
@@ -212,6 +224,8 @@ class FastLogprobsProcessor(LogprobsProcessor):
         proc = cls(**{f: getattr(base, f) for f in base.__dataclass_fields__})
         proc.full_sample = _wants_full_sample(sp)
         proc.full_prompt = _wants_full_prompt(sp)
+        if wants_hidden(sp):
+            proc.cumulative_logprob = None  # the rows are hidden states, not log-probs
         if proc.full_sample:
             proc.logprobs = FullVocabLogprobs()
         if proc.full_prompt:
@@ -279,6 +293,11 @@ def _wants_full_prompt(sp: SamplingParams | None) -> bool:
     return sp is not None and sp.prompt_logprobs == -1 and sp.prompt_logprob_token_ids is None
 
 
+def wants_hidden(sp: SamplingParams | None) -> bool:
+    """A request that asked for hidden-state rows (``HIDDEN_ROWS_ARGS``) instead of log-probs."""
+    return sp is not None and (sp.extra_args or {}).get(HIDDEN_ROWS_KEY) == HIDDEN_ROWS_ARGS[HIDDEN_ROWS_KEY]
+
+
 def _patched_from_new_request(tokenizer, request) -> LogprobsProcessor:
     sp = request.sampling_params
     if _wants_full_sample(sp) or _wants_full_prompt(sp):
@@ -289,9 +308,20 @@ def _patched_from_new_request(tokenizer, request) -> LogprobsProcessor:
 # ----------------------------------------------------------------------------- worker side
 
 
+def _patched_sample_tokens(self: GPUModelRunner, grammar_output):
+    """Stock ``sample_tokens``; keeps the batch's sample hidden states in reach of ``_sample``."""
+    state = self.execute_model_state
+    self.switchkd_sample_hidden = None if state is None else state.sample_hidden_states
+    try:
+        return ORIGINALS["GPUModelRunner.sample_tokens"](self, grammar_output)
+    finally:
+        self.switchkd_sample_hidden = None
+
+
 def _patched_sample(self: GPUModelRunner, logits, spec_decode_metadata):
     """Stock ``_sample``, but a batch whose sample-logprob requests all ask for -1 reaches the
-    sampler with ``max_num_logprobs=-1`` (vLLM's unsorted full-vocab branch)."""
+    sampler with ``max_num_logprobs=-1`` (vLLM's unsorted full-vocab branch); when they all
+    want hidden-state rows, the rows are the sample hidden states instead."""
     original = ORIGINALS["GPUModelRunner._sample"]
     batch = self.input_batch
     num_logprobs = batch.num_logprobs
@@ -308,10 +338,15 @@ def _patched_sample(self: GPUModelRunner, logits, spec_decode_metadata):
     fast_md.max_num_logprobs = -1
     batch.sampling_metadata = fast_md
     try:
-        return original(self, logits, spec_decode_metadata)
+        out = original(self, logits, spec_decode_metadata)
     finally:
         if batch.sampling_metadata is fast_md:
             batch.sampling_metadata = md
+    hidden = getattr(self, "switchkd_sample_hidden", None)
+    if (hidden is not None and out.logprobs_tensors is not None and hidden.shape[0] == logits.shape[0]
+            and all(wants_hidden(self.requests[r].sampling_params) for r in num_logprobs)):
+        out.logprobs_tensors = out.logprobs_tensors._replace(logprobs=hidden.to(torch.float32))
+    return out
 
 
 def _patched_get_prompt_logprobs_dict(self: GPUModelRunner, hidden_states, num_scheduled_tokens):
@@ -347,16 +382,17 @@ def _patched_get_prompt_logprobs_dict(self: GPUModelRunner, hidden_states, num_s
             continue
         num_prompt_tokens = len(request.prompt_token_ids)
         start_idx = request.num_computed_tokens
+        hidden = wants_hidden(request.sampling_params)
         buf = request.in_progress_prompt_logprobs_cpu
         if buf is None:
             # Rows [base, P-1): only what this request will compute (prefix-cache hits skip).
             base = min(start_idx, num_prompt_tokens - 1) if num_prompt_tokens else 0
-            vocab = self.input_batch.vocab_size
+            width = hidden_states.shape[-1] if hidden else self.input_batch.vocab_size
             # NaN, not uninitialised memory: a row that is never computed (a preempted request
             # resumed past it) is then visible as such instead of holding garbage.
             buf = LogprobsTensors(
                 torch.empty(0, dtype=torch.int32),
-                torch.full((max(num_prompt_tokens - 1 - base, 0), vocab), float("nan"), dtype=torch.float32),
+                torch.full((max(num_prompt_tokens - 1 - base, 0), width), float("nan"), dtype=torch.float32),
                 torch.empty(0, dtype=torch.int32),
             )
             request.in_progress_prompt_logprobs_cpu = buf
@@ -375,11 +411,13 @@ def _patched_get_prompt_logprobs_dict(self: GPUModelRunner, hidden_states, num_s
             continue
         req_idx = self.input_batch.req_id_to_index[req_id]
         offset = self.query_start_loc.np[req_idx].item()
-        logits = self.model.compute_logits(hidden_states[offset + skip: offset + num_logits])
-        if self.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
-            scores = logits.to(torch.float32)
+        rows = hidden_states[offset + skip: offset + num_logits]
+        if hidden:
+            scores = rows.to(torch.float32)
+        elif self.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
+            scores = self.model.compute_logits(rows).to(torch.float32)
         else:
-            scores = self.sampler.compute_logprobs(logits)
+            scores = self.sampler.compute_logprobs(self.model.compute_logits(rows))
         lo = start_idx + skip - base
         buf.logprobs[lo: lo + scores.shape[0]].copy_(scores, non_blocking=True)
 
@@ -395,6 +433,7 @@ def _patched_get_prompt_logprobs_dict(self: GPUModelRunner, hidden_states, num_s
 
 
 _PATCHES = {
+    "GPUModelRunner.sample_tokens": (GPUModelRunner, "sample_tokens", _patched_sample_tokens),
     "GPUModelRunner._sample": (GPUModelRunner, "_sample", _patched_sample),
     "GPUModelRunner._get_prompt_logprobs_dict": (
         GPUModelRunner, "_get_prompt_logprobs_dict", _patched_get_prompt_logprobs_dict),
@@ -437,6 +476,7 @@ def verify_vllm_internals() -> list[str]:
     from vllm.v1.sample.metadata import SamplingMetadata
     from vllm.v1.sample.sampler import Sampler
     from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import ExecuteModelState
 
     problems: list[str] = []
 
@@ -464,6 +504,10 @@ def verify_vllm_internals() -> list[str]:
     need(0 <= i_raw < i_lp, "raw log-probs are no longer computed before the logits processors")
     need("logits.log_softmax(dim=-1, dtype=torch.float32)" in inspect.getsource(Sampler.compute_logprobs),
          "Sampler.compute_logprobs changed (SWITCH sampling relies on the same op)")
+    tokens_src = inspect.getsource(ORIGINALS.get("GPUModelRunner.sample_tokens", GPUModelRunner.sample_tokens))
+    need("sample_hidden_states," in tokens_src and "self._sample(logits, spec_decode_metadata)" in tokens_src,
+         "GPUModelRunner.sample_tokens no longer unpacks sample_hidden_states before _sample")
+    need("sample_hidden_states" in ExecuteModelState._fields, "ExecuteModelState.sample_hidden_states is gone")
     sample_src = inspect.getsource(ORIGINALS.get("GPUModelRunner._sample", GPUModelRunner._sample))
     need("sampling_metadata = self.input_batch.sampling_metadata" in sample_src,
          "GPUModelRunner._sample no longer reads input_batch.sampling_metadata")

@@ -23,12 +23,13 @@ from typing import Sequence
 import numpy as np
 
 FINISH_REASONS = ("stop", "length")
+ROW_KINDS = ("logprobs", "hidden")
 
 
 @dataclass
 class DecodeResult:
     token_ids: np.ndarray      # int64 [n]: generated tokens (a stop token included, last)
-    logprobs: np.ndarray       # float32 [n, V]: raw distribution at each generated step
+    logprobs: np.ndarray       # float32 [n, V]: raw distribution at each generated step ([n, d] hidden states for rows="hidden")
     finish_reason: str         # "stop" (a stop token) or "length" (max_tokens / max_model_len)
 
 
@@ -107,9 +108,12 @@ class VLLMEngine:
         seed: int = 0,
         trust_remote_code: bool = False,
         lockstep: bool = False,
+        rows: str = "logprobs",
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if rows not in ROW_KINDS:
+            raise ValueError(f"rows must be one of {ROW_KINDS}, got {rows!r}")
         if kv_cache_space_gb <= 0:
             raise ValueError(f"kv_cache_space_gb must be > 0, got {kv_cache_space_gb}")
         self.model = str(model)
@@ -152,6 +156,11 @@ class VLLMEngine:
         self._fastpath, self._sampling = fast_logprobs, switch_sampling
         self.llm = LLM(**kwargs)
         self._vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        # rows="hidden": every row this engine returns is a final hidden state (d_model wide)
+        # for the receiver's output_head.OutputHead, instead of a full-vocabulary log-prob row.
+        self._row_args = dict(fast_logprobs.HIDDEN_ROWS_ARGS) if rows == "hidden" else {}
+        self.row_width = (int(self.llm.llm_engine.model_config.get_hidden_size()) if rows == "hidden"
+                          else self._vocab_size)
         self._closed = False
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.weight_version = 0  # version of the weights served; 0 = as loaded from ``model``
@@ -313,9 +322,8 @@ class VLLMEngine:
         n = len(prompts)
         check_decode_args(prompts, max_tokens, temperature, seeds, positions, self._vocab_size, self.max_model_len)
         stops = sorted({int(t) for t in stop_token_ids})
-        V = self._vocab_size
         results: list = [
-            DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length") if m == 0 else None
+            DecodeResult(np.zeros(0, np.int64), np.zeros((0, self.row_width), np.float32), "length") if m == 0 else None
             for m in max_tokens
         ]
         todo = [i for i in range(n) if max_tokens[i] > 0]
@@ -323,14 +331,14 @@ class VLLMEngine:
             SamplingParams(
                 max_tokens=int(max_tokens[i]), temperature=0.0, logprobs=-1, detokenize=False,
                 ignore_eos=True, stop_token_ids=stops,
-                extra_args=self._sampling.switch_extra_args(seeds[i], positions[i], temperature),
+                extra_args={**self._sampling.switch_extra_args(seeds[i], positions[i], temperature), **self._row_args},
             )
             for i in todo
         ]
         return [prompts[i] for i in todo], params, todo, results
 
     def _decode_collect(self, results: list, todo: list[int], outs) -> None:
-        V = self._vocab_size
+        V = self.row_width
         for i, out in zip(todo, outs):
             comp = out.outputs[0]
             tokens = np.asarray(comp.token_ids, dtype=np.int64)
@@ -363,7 +371,7 @@ class VLLMEngine:
         check_score_args(sequences, starts, self._vocab_size, self.max_model_len)
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprobs=-1, prompt_logprobs=-1, detokenize=False,
-            ignore_eos=True, skip_reading_prefix_cache=not read_cache,
+            ignore_eos=True, skip_reading_prefix_cache=not read_cache, extra_args=dict(self._row_args) or None,
         )
         return list(sequences), [params] * len(sequences)
 
@@ -386,7 +394,7 @@ class VLLMEngine:
     def _score_rows(self, results, sequences, starts, idx, outs, *, read_cache: bool, cached=None) -> list[int]:
         """Fill results[i] for i in idx from outs; returns the indices whose rows were not computed.
         ``cached[i]``, when given, receives the prefix-cache hit of sequence i."""
-        V = self._vocab_size
+        V = self.row_width
         missing = []
         for i, out in zip(idx, outs):
             s, a = sequences[i], starts[i]

@@ -21,3 +21,17 @@ def test_rollout_benchmark_quick(tmp_path):
     assert result["tokens"] == result["block"]["tokens"] > 0
     assert result["lockstep"]["tokens"] > 0 and result["lockstep"]["median_s"] > 0
     assert result["machine"]["versions"]["torch"]
+
+
+def test_teacher_rows_benchmark_quick(tmp_path):
+    """Both kinds of teacher rows on two Ray actor engines: the same rollouts (tiny pair, float32),
+    and exactly V / d_model times fewer bytes with hidden states (512 / 128 on the tiny teacher)."""
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, "benchmarks/teacher_rows.py", "--quick", "--json", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["same_rollouts"] is True
+    assert result["logprobs_over_hidden_bytes"] == 4.0
+    for kind in ("logprobs", "hidden"):
+        assert result[kind]["tokens"] > 0 and result[kind]["tokens_per_s"] > 0

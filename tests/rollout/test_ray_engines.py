@@ -1,4 +1,5 @@
 """The same engine classes hosted in Ray actors give the same rollouts as in-process ones."""
+import numpy as np
 import pytest
 
 from switchkd.rollout.config import DataConfig, ModelConfig, RolloutConfig
@@ -7,9 +8,10 @@ from switchkd.rollout.local_ray import init_ray
 from switchkd.rollout.data.schema import read_rollouts
 
 
-@pytest.mark.parametrize("mode", ["lockstep", "block"])
-def test_ray_actor_engines_match_in_process(tiny_models, tmp_path, mode):
-    """Lockstep: one PairEngine actor; block: a teacher and a student actor."""
+@pytest.mark.parametrize("mode,teacher_rows", [("lockstep", "logprobs"), ("block", "logprobs"), ("block", "hidden")])
+def test_ray_actor_engines_match_in_process(tiny_models, tmp_path, mode, teacher_rows):
+    """Lockstep: one PairEngine actor; block: a teacher and a student actor. With
+    teacher_rows=hidden the teacher actor sends hidden states, turned into log-probs here."""
     ray = pytest.importorskip("ray")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(f'{{"prompt": "the man said {w}"}}\n' for w in ("yes", "no", "water", "people")))
@@ -21,12 +23,23 @@ def test_ray_actor_engines_match_in_process(tiny_models, tmp_path, mode):
     try:
         import dataclasses
 
-        run_generate(model, data, dataclasses.replace(cfg, use_ray=True), str(tmp_path / "ray.parquet"))
+        run_generate(model, data, dataclasses.replace(cfg, use_ray=True, teacher_rows=teacher_rows),
+                     str(tmp_path / "ray.parquet"))
     finally:
         ray.shutdown()
     local, remote = read_rollouts(tmp_path / "local.parquet"), read_rollouts(tmp_path / "ray.parquet")
     for column in ("response_ids", "owner", "teacher_topk_ids"):
         assert local.column(column).to_pylist() == remote.column(column).to_pylist()
+    for column in ("teacher_topk_logprobs", "jsd"):
+        np.testing.assert_allclose(_values(remote, column), _values(local, column), atol=1e-4)
+
+
+def _values(table, column: str) -> np.ndarray:
+    """Every float of a (nested) list column, flat."""
+    values = table.column(column).combine_chunks()
+    while hasattr(values, "flatten"):
+        values = values.flatten()
+    return np.asarray(values, np.float64)
 
 
 def test_wait_until_ready_waits_for_a_restart_and_fails_fast_on_a_dead_actor():

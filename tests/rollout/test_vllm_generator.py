@@ -249,3 +249,57 @@ def test_block_rollout_stopped_half_way_leaves_the_engines_clean(engines, monkey
     assert all(not h.engine.llm.llm_engine.has_unfinished_requests() for h in engines["block"])
     monkeypatch.undo()
     assert [s.response_ids for s in _vllm(engines, cfg).generate(prompts)] == want
+
+
+@pytest.fixture(scope="module")
+def hidden_teacher(tiny_models):
+    """A teacher engine that sends final hidden states (rows="hidden"), behind a handle that turns
+    them into log-prob rows with the teacher's output layer (rollout.teacher_rows=hidden)."""
+    from switchkd.rollout.engines.output_head import OutputHead
+
+    model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
+    kwargs = engine_kwargs(model.teacher, model, RolloutConfig(engine="vllm").teacher, 0)
+    handle = EngineHandle(engine=TeacherEngine(**kwargs, rows="hidden"), head=OutputHead(model.teacher))
+    yield handle
+    handle.shutdown()
+
+
+def test_hidden_state_rows_are_d_model_wide_and_rebuild_the_logprob_rows(engines, hidden_teacher):
+    """The hidden engine returns d_model values per token on both paths (decode and score); the
+    output layer turns them into the rows the log-prob engine returns."""
+    teacher, _ = engines["block"]
+    engine = hidden_teacher.engine
+    assert engine.row_width == 128 and engine.vocab_size > engine.row_width  # the tiny teacher's d_model
+    prompts = [p.token_ids for p in _prompts(6, seed=5)]
+    decode = dict(prompts=prompts, max_tokens=[9] * 6, temperature=0.0, seeds=list(range(6)),
+                  positions=[0] * 6, stop_token_ids=[])
+    raw = engine.decode(**decode)
+    assert all(r.logprobs.shape == (len(r.token_ids), 128) for r in raw)
+    got, want = hidden_teacher.decode_async(**decode).result(), teacher.decode_async(**decode).result()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.token_ids, w.token_ids)
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    sequences = [p + r.token_ids.tolist() for p, r in zip(prompts, want)]
+    starts = [len(p) for p in prompts]
+    assert engine.score(sequences, starts)[0].shape == (10, 128)
+    for g, w in zip(hidden_teacher.score_async(sequences, starts).result(), teacher.score_async(sequences, starts).result()):
+        assert g.shape == w.shape == (10, engine.vocab_size)
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,temperature", [("block", 0.0), ("block", 1.0), ("stepwise", 1.0)])
+def test_hidden_state_rows_give_the_same_rollouts_as_logprob_rows(engines, hidden_teacher, mode, temperature):
+    """float32: rollouts whose teacher sends hidden states make the same tokens and owners, with the
+    same divergences and teacher top-k, as rollouts whose teacher sends full log-prob rows."""
+    cfg = RolloutConfig(engine="vllm", mode=mode, temperature=temperature, max_new_tokens=64, batch_size=16,
+                        switch=SwitchConfig(tau0=0.42, decay=0.008))
+    prompts = _prompts(16, seed=7)
+    want = _vllm(engines, cfg).generate(prompts)
+    got = VLLMSwitchGenerator(ModelConfig(), cfg, {EOS}, engines=(hidden_teacher, engines[mode][1])).generate(prompts)
+    owners = np.concatenate([s.owner for s in want])
+    assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
+    for w, g in zip(want, got):
+        assert g.response_ids == w.response_ids and g.owner == w.owner
+        np.testing.assert_allclose(g.jsd, w.jsd, atol=1e-5)
+        np.testing.assert_array_equal(np.stack(g.topk_ids)[:, :3], np.stack(w.topk_ids)[:, :3])
+        np.testing.assert_allclose(np.stack(g.topk_lps), np.stack(w.topk_lps), atol=1e-5)
