@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--tolerance", type=float, default=0.25)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--out", help="the run's output directory, kept (default: a temporary one)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -87,7 +88,7 @@ def main() -> None:
     from switchkd.cluster.placement import plan_placement
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
+        run_dir = Path(args.out) if args.out else Path(tmp) / "run"
         overrides = [*args.overrides, f"trainer.max_steps={args.steps}", f"trainer.output_dir={run_dir}",
                      "loop.save_rollouts=true", "trainer.tensorboard=false"]
         measured = run_and_sample([sys.executable, "-m", "switchkd.cluster.cli", "train", "--config", args.config,

@@ -10,7 +10,13 @@ the weights exist, for the exact parameter count), the dtypes and the config:
   the workers from stage 1 (moments and masters), 2 (+ gradients), 3 (+ parameters)), one
   micro-batch's activations (the full-vocabulary logits and their log-softmax dominate at these
   lengths), the teacher's weights when trainer.teacher_source=model, and the runtime;
-- the driver: the runtime of the process that runs the loop.
+- the driver: the runtime of the process that runs the loop;
+- the weight sync's file on /dev/shm (sync.transport=shm without sync.dir): the student's weights
+  in the trainer's precision, which count against the machine's memory like a process's;
+- Ray's own daemons (GCS, raylet, agents).
+
+On a private Ray the sum must fit under Ray's memory monitor, which kills workers once the
+machine's used memory passes RAY_memory_usage_threshold (0.95 by default) of the total.
 
 The runtime constants are peaks measured on the CPU (benchmarks/memory.py, which also checks the
 whole estimate against measured peaks).
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +44,9 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2}
 ENGINE_RUNTIME = int(1.0 * GIB)
 TRAINER_RUNTIME = int(0.6 * GIB)
 DRIVER_RUNTIME = int(0.6 * GIB)
+# GCS, raylet, dashboard and runtime-env agents, log monitor: 0.45 GiB resident together, measured.
+RAY_DAEMONS = int(0.5 * GIB)
+RAY_MEMORY_THRESHOLD = 0.95   # Ray's default RAY_memory_usage_threshold
 # On a GPU: CUDA context, vLLM's profiling activations and buffers outside the KV cache (a rough figure).
 ENGINE_RUNTIME_GPU = int(1.5 * GIB)
 # Bytes per token per layer of the activations a decoder layer keeps for the backward pass, in
@@ -118,12 +128,17 @@ def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: i
                       reserved, f"{key}.gpu_memory_utilization={engine.gpu_memory_utilization:g} of the GPU")
 
 
+def trainer_precision(tc, device: str) -> str:
+    """The precision trainer.precision=auto resolves to: bf16 on a GPU, fp32 on the CPU."""
+    return tc.precision if tc.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+
+
 def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, cfg, device: str,
                    tokens_per_row: int | None = None, gpu_bytes: int | None = None) -> RoleMemory:
     """One DeepSpeed trainer worker (ZeRO model states per worker, activations, runtime).
     ``tokens_per_row``: the longest row (default: data.max_prompt_tokens + rollout.max_new_tokens)."""
     tc = cfg.trainer
-    precision = tc.precision if tc.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    precision = trainer_precision(tc, device)
     n, workers, stage = student.params, tc.num_workers, tc.zero_stage
     weight_bytes = DTYPE_BYTES[precision]
     params = n * weight_bytes
@@ -160,12 +175,28 @@ def estimate_memory(cfg, plan, tokens_per_row: int | None = None, gpu_bytes: int
             out.append(trainer_memory(bundle.role, student, teacher, cfg, plan.trainer_device, tokens_per_row,
                                       gpu_bytes))
     out.append(RoleMemory("driver", "cpu", {"runtime": DRIVER_RUNTIME}))
+    if cfg.sync.transport == "shm" and cfg.sync.dir is None and student is not None:
+        weights = student.params * DTYPE_BYTES[trainer_precision(cfg.trainer, plan.trainer_device)]
+        out.append(RoleMemory("weight sync", "cpu", {"/dev/shm file": weights}))
+    out.append(RoleMemory("Ray daemons", "cpu", {"runtime": RAY_DAEMONS}))
     return out
 
 
 def host_memory() -> int:
     """This machine's physical memory in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_memory_in_use() -> int:
+    """Bytes of this machine's memory in use now (total minus MemAvailable): what other processes
+    hold, which Ray's memory monitor counts against a run too."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return max(0, host_memory() - int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return 0
 
 
 def gpu_memory() -> int | None:
@@ -175,16 +206,37 @@ def gpu_memory() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def check_fits(roles: list[RoleMemory], host_bytes: int, single_node: bool) -> list[str]:
+def ray_memory_threshold() -> float:
+    """The share of the machine's memory above which Ray's memory monitor kills workers (1.0 when
+    the monitor is off: RAY_memory_monitor_refresh_ms=0)."""
+    if os.environ.get("RAY_memory_monitor_refresh_ms") == "0":
+        return 1.0
+    return float(os.environ.get("RAY_memory_usage_threshold", RAY_MEMORY_THRESHOLD))
+
+
+def usable_memory(host_bytes: int, threshold: float, in_use: int) -> int:
+    """What a run may use of a host: Ray's share of it, less what other processes hold."""
+    return int(host_bytes * threshold) - in_use
+
+
+def check_fits(roles: list[RoleMemory], host_bytes: int, single_node: bool, threshold: float = 1.0,
+               in_use: int = 0) -> list[str]:
     """Problems of the estimate against the capacity, one line each (empty: it fits). On a single
-    node (a private Ray) the CPU roles share the host's memory; a cuda role must fit its budget."""
+    node (a private Ray) the CPU roles share the host's memory, of which Ray lets everything on it
+    use ``threshold`` and other processes already use ``in_use``; a cuda role must fit its budget."""
     problems = []
     cpu = [r for r in roles if r.device == "cpu"]
-    need = sum(r.total for r in cpu)
-    if single_node and need > host_bytes:
+    need, usable = sum(r.total for r in cpu), usable_memory(host_bytes, threshold, in_use)
+    if single_node and need > usable:
         biggest = max(cpu, key=lambda r: r.total)
-        problems.append(f"the CPU roles need {_gib(need)} together, this machine has {_gib(host_bytes)} "
-                        f"({_gib(need - host_bytes)} short; the largest is the {biggest.role}, {_gib(biggest.total)})")
+        limit = f"this machine has {_gib(host_bytes)}"
+        if threshold < 1 or in_use:
+            limit += f", of which a run may use {_gib(usable)} ("
+            limit += "; ".join(part for part in (
+                f"Ray kills workers above RAY_memory_usage_threshold={threshold:g}" if threshold < 1 else "",
+                f"{_gib(in_use)} in use by other processes" if in_use else "") if part) + ")"
+        problems.append(f"the CPU roles need {_gib(need)} together, {limit} "
+                        f"({_gib(need - usable)} short; the largest is the {biggest.role}, {_gib(biggest.total)})")
     for r in roles:
         if r.budget is not None and r.total > r.budget:
             problems.append(f"the {r.role} needs {_gib(r.total)} per GPU, {r.budget_source} gives {_gib(r.budget)} "
@@ -197,11 +249,41 @@ def plan_memory(cfg, plan) -> tuple[list[RoleMemory], list[str]]:
     private Ray) and GPU (when one is visible here)."""
     uses_gpu = plan.trainer_device == "cuda" or "cuda" in (cfg.rollout.teacher.device, cfg.rollout.student.device)
     roles = estimate_memory(cfg, plan, gpu_bytes=gpu_memory() if uses_gpu else None)
-    return roles, check_fits(roles, host_memory(), uses_private_ray(cfg.cluster))
+    return roles, check_fits(roles, host_memory(), uses_private_ray(cfg.cluster), ray_memory_threshold(),
+                             host_memory_in_use())
 
 
 def describe_memory(roles: list[RoleMemory]) -> str:
     """The estimate as the lines `switchkd plan` prints."""
     cpu = sum(r.total for r in roles if r.device == "cpu")
+    host, threshold, in_use = host_memory(), ray_memory_threshold(), host_memory_in_use()
     lines = ["memory per process (estimate; cuda engines per GPU):"] + [f"  {r.line()}" for r in roles]
-    return "\n".join(lines + [f"  CPU roles together: {_gib(cpu)} of {_gib(host_memory())} on this machine"])
+    usable = usable_memory(host, threshold, in_use)
+    return "\n".join(lines + [f"  CPU roles together: {_gib(cpu)} of {_gib(usable)} a run may "
+                              f"use ({_gib(host)} on this machine, {_gib(in_use)} of it in use now, "
+                              f"RAY_memory_usage_threshold={threshold:g})"])
+
+
+# What Ray's memory monitor writes into the errors of the workers it kills.
+_RAY_OOM_MARKERS = ("running low on memory", "killed due to memory pressure")
+_RAY_OOM_USAGE = re.compile(r"was ([\d.]+)GB used / ([\d.]+)GB limit")
+
+
+def memory_killed_error(error: BaseException, step: int) -> str | None:
+    """One line for a run that Ray's memory monitor stopped (None when ``error``, or an error it
+    was raised from, is not such a kill)."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        text = str(error)
+        if any(marker in text for marker in _RAY_OOM_MARKERS) or type(error).__name__ == "OutOfMemoryError":
+            usage = _RAY_OOM_USAGE.search(text)
+            break
+        error = error.__cause__ or error.__context__
+    else:
+        return None
+    at = f" (the machine at {usage[1]} of {usage[2]} GiB)" if usage else ""
+    return (f"Ray's memory monitor killed a worker at step {step}{at}: the run needs more memory than the "
+            f"{ray_memory_threshold():g} of this machine that RAY_memory_usage_threshold lets it use; "
+            f"`switchkd plan` shows each role's estimate; lower rollout.*.kv_cache_space_gb, "
+            f"trainer.micro_batch_size or rollout.max_new_tokens, then continue with --resume")

@@ -11,7 +11,7 @@ import pytest
 from switchkd.cluster.config import load_config
 from switchkd.cluster.memory import (ENGINE_RUNTIME, ENGINE_RUNTIME_GPU, GIB, TRAINER_RUNTIME, ModelShape,
                                      _params_from_config, check_fits, engine_memory, estimate_memory, model_shape,
-                                     RoleMemory, trainer_memory)
+                                     memory_killed_error, ray_memory_threshold, RoleMemory, trainer_memory)
 from switchkd.cluster.placement import plan_placement
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,12 +95,37 @@ def test_cpu_roles_share_the_host_on_one_node_only():
     assert problem == ("the CPU roles need 15.00 GiB together, this machine has 12.00 GiB (3.00 GiB short; the "
                        "largest is the teacher engine, 10.00 GiB)")
     assert check_fits(roles, 12 * GIB, single_node=False) == []
+    # Ray's memory monitor kills workers above a share of the machine: that share is the capacity.
+    [problem] = check_fits(roles, 16 * GIB, single_node=True, threshold=0.9)
+    assert problem == ("the CPU roles need 15.00 GiB together, this machine has 16.00 GiB, of which a run may use "
+                       "14.40 GiB (Ray kills workers above RAY_memory_usage_threshold=0.9) (0.60 GiB short; the "
+                       "largest is the teacher engine, 10.00 GiB)")
+    # What other processes hold counts too.
+    [problem] = check_fits(roles, 16 * GIB, single_node=True, threshold=0.95, in_use=1 * GIB)
+    assert problem.startswith("the CPU roles need 15.00 GiB together, this machine has 16.00 GiB, of which a run may "
+                              "use 14.20 GiB (Ray kills workers above RAY_memory_usage_threshold=0.95; 1.00 GiB in "
+                              "use by other processes) (0.80 GiB short;")
+
+
+def test_ray_memory_threshold_follows_rays_environment(monkeypatch):
+    monkeypatch.delenv("RAY_memory_usage_threshold", raising=False)
+    monkeypatch.delenv("RAY_memory_monitor_refresh_ms", raising=False)
+    assert ray_memory_threshold() == 0.95
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.8")
+    assert ray_memory_threshold() == 0.8
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "0")   # the monitor is off
+    assert ray_memory_threshold() == 1.0
 
 
 def test_the_estimate_covers_every_placed_role(tiny_models):
     cfg = _cfg(tiny_models, "trainer.num_workers=2", "trainer.batch_size=8", "trainer.micro_batch_size=2")
-    roles = [r.role for r in estimate_memory(cfg, plan_placement(cfg))]
-    assert roles == ["teacher engine", "student engine", "trainer rank 0", "trainer rank 1", "driver"]
+    roles = {r.role: r for r in estimate_memory(cfg, plan_placement(cfg))}
+    assert list(roles) == ["teacher engine", "student engine", "trainer rank 0", "trainer rank 1", "driver",
+                           "weight sync", "Ray daemons"]
+    # the shm sync's file holds the student's weights in the trainer's precision (fp32 on the CPU)
+    assert roles["weight sync"].total == model_shape(cfg.model.student).params * 4
+    elsewhere = _cfg(tiny_models, "sync.transport=collective")
+    assert "weight sync" not in [r.role for r in estimate_memory(elsewhere, plan_placement(elsewhere))]
 
 
 def _plan(*args):
@@ -118,3 +143,21 @@ def test_plan_prints_the_memory_and_refuses_what_cannot_fit(tiny_models):
     assert res.returncode == 2
     assert "does not fit: the CPU roles need" in res.stderr and "the largest is the student engine" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_worker_killed_by_rays_memory_monitor_is_one_line(monkeypatch):
+    monkeypatch.delenv("RAY_memory_usage_threshold", raising=False)
+    monkeypatch.delenv("RAY_memory_monitor_refresh_ms", raising=False)
+    killed = RuntimeError("The actor died. 1 worker(s) were killed due to the node running low on memory. Memory on "
+                          "the node (IP: 127.0.0.1, ID: 6baa) was 22.52GB used / 23.54GB limit (0.956514)\nTop 10 ...")
+    try:
+        try:
+            raise killed
+        except RuntimeError as e:
+            raise TimeoutError("weight sync of version 2 failed") from e
+    except TimeoutError as outer:
+        line = memory_killed_error(outer, step=3)
+    assert line.startswith("Ray's memory monitor killed a worker at step 3 (the machine at 22.52 of 23.54 GiB): "
+                           "the run needs more memory than the 0.95 of this machine")
+    assert "\n" not in line and "--resume" in line
+    assert memory_killed_error(RuntimeError("The actor died unexpectedly"), step=3) is None
