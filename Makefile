@@ -48,7 +48,8 @@ test-slow: install
 	$(PY) -m pytest -q -m slow tests
 
 # On a GPU machine, in the environment of requirements/gpu.txt (docs/cluster.md): the
-# trainer on cuda (nccl, DeepSpeed ZeRO 1-3) against the plain CPU loop, step for step.
+# trainer on cuda (nccl, DeepSpeed ZeRO 1-3) against the plain CPU loop, step for step, and the
+# vLLM engines on cuda (rollouts against the HF reference, nccl weight sync, a closed-loop step).
 test-gpu:
 	python3 -m pytest -q -m gpu tests
 
