@@ -8,7 +8,7 @@ from pathlib import Path
 from switchkd.cluster.config import ConfigError, load_config
 from switchkd.cluster.pipeline import DISTIL_SFT_RATIO
 from switchkd.rollout.config import SPLITS
-from switchkd.rollout.errors import SwitchkdError
+from switchkd.rollout.errors import SwitchkdError, Terminated
 from switchkd.rollout.logs import library_output_to, setup_logging
 
 PIPELINE_DEFAULTS = {"warmup_steps": 60, "distil_steps": 20, "eval_prompts": 64, "sft_ratio": DISTIL_SFT_RATIO}
@@ -273,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     except SwitchkdError as e:  # one line, no traceback; anything else is a bug and keeps its traceback
         print(f"switchkd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("switchkd: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"switchkd: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

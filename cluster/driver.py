@@ -36,7 +36,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from switchkd.cluster.config import ConfigError
-from switchkd.cluster.memory import plan_memory
+from switchkd.cluster.memory import memory_killed_error, plan_memory
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, lost_nodes,
                                         node_lost_error, placement_group_for, plan_placement, ray_session,
                                         record_placement, uses_private_ray)
@@ -44,6 +44,7 @@ from switchkd.cluster.sync import WeightSync, sync_root
 from switchkd.rollout.data import schema
 from switchkd.rollout.data.prompts import PromptError, load_prompts
 from switchkd.rollout.engines.actors import ENGINE_DIED, InBackground, start_engines
+from switchkd.rollout.errors import Terminated
 from switchkd.rollout.generate import RolloutSummary, build_generator, summarize
 from switchkd.rollout.logs import console
 from switchkd.rollout.weight_sync.interface import WeightSyncError
@@ -65,32 +66,35 @@ NODE_LOSS_WAIT_S = 45.0
 
 
 class Interrupt:
-    """Ctrl-C for the closed loop: SIGINT raises KeyboardInterrupt as Python's own handler does, and
-    is latched, so the loop stops at its next step even if a library swallowed the exception
-    (Python drops one raised where it cannot propagate, e.g. inside a C callback). Installed only
-    from the main thread; the previous handler comes back on exit."""
+    """Ctrl-C and SIGTERM for the closed loop: each raises KeyboardInterrupt (Terminated for
+    SIGTERM) as Python's own SIGINT handler does, and is latched, so the loop stops at its next
+    step even if a library swallowed the exception (Python drops one raised where it cannot
+    propagate, e.g. inside a C callback). Installed only from the main thread; the previous
+    handlers come back on exit."""
+
+    SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
     def __init__(self) -> None:
-        self.received, self._previous = False, None
+        self.received, self._previous = None, {}
 
     def __enter__(self) -> "Interrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
-    def _on_sigint(self, signum, frame):
-        self.received = True
-        raise KeyboardInterrupt
+    def _on_signal(self, signum, frame):
+        self.received = self.SIGNALS[signum]
+        raise self.received
 
     def check(self) -> None:
-        """Raise KeyboardInterrupt if a SIGINT came since this was installed."""
-        if self.received:
-            raise KeyboardInterrupt
+        """Raise KeyboardInterrupt (or Terminated) if a signal came since this was installed."""
+        if self.received is not None:
+            raise self.received
 
 
 class EngineRestarted(RuntimeError):
@@ -182,8 +186,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     backend = "nccl" if plan.trainer_device == "cuda" and cfg.rollout.student.device == "cuda" else "gloo"
     with ExitStack() as stack:
-        interrupt = stack.enter_context(Interrupt())
         stack.enter_context(ray_session(cfg.cluster, plan))
+        interrupt = stack.enter_context(Interrupt())   # after ray.init, whose SIGTERM handler aborts
         pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
         placed = record_placement(pg, plan, tc.output_dir)
         log.info("placement: %s", "; ".join(f"{role} on node {p['node_id'][:8]} ({p['node_ip']})"
@@ -214,6 +218,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
             wait = NODE_LOSS_WAIT_S if isinstance(e, CLUSTER_FAILURES) and not uses_private_ray(cfg.cluster) else 0.0
             if lost := lost_nodes(placed, wait):
                 raise node_lost_error(placed, lost, trainer.step) from e
+            if oom := memory_killed_error(e, trainer.step):
+                raise ClusterError(oom) from e
             raise
         _record_moves(placed, record_placement(pg, plan, tc.output_dir))
         return {**result, "skipped_prompts": dict(skipped), "prompts": len(prompts)}

@@ -18,6 +18,7 @@ import pytest
 
 from switchkd.cluster.config import load_config
 from switchkd.cluster.driver import Interrupt, RolloutBatch, _loop
+from switchkd.rollout.errors import Terminated
 from switchkd.rollout.generate import summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,6 +178,17 @@ def test_a_ctrl_c_that_a_library_swallowed_still_stops_the_loop(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_sigterm_stops_the_loop_as_terminated(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    with Interrupt() as interrupt:
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        with pytest.raises(Terminated):
+            _run_fake_loop(tmp_path, staleness=1, interrupt=interrupt)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # --- switchkd train end to end ----------------------------------------------------------------------
 
 def _ray_processes() -> int:
@@ -326,12 +338,13 @@ def test_model_len_must_hold_prompt_and_response(tiny_models, tmp_path):
     assert "rollout.student.max_model_len=16: must hold data.max_prompt_tokens + rollout.max_new_tokens" in res.stderr
 
 
-def test_ctrl_c_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machine):
+@pytest.mark.parametrize("sig,code,message", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machine, sig, code, message):
     proc = _start_and_wait_for_first_step(tiny_models, tmp_path)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err[-3000:]
-    assert "interrupted" in err
+    assert proc.returncode == code, err[-3000:]
+    assert f"switchkd: {message}" in err
 
 
 def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models, tmp_path):
@@ -344,7 +357,10 @@ def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").glob("**/*.yaml")))
 def test_dry_run_validates_every_shipped_config(config):
     res = _train(["--config", str(REPO / "configs" / config), "--dry-run"], timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # Valid and planned; whether it fits depends on this machine (the Qwen pair, once prepared,
+    # needs more than 24 GiB), and a refusal is the plan's one line.
+    refused = res.returncode == 2 and "does not fit: the CPU roles need" in res.stderr
+    assert res.returncode == 0 or refused, res.stderr[-2000:]
     assert f"configs/{config}: valid" in res.stdout and "placement group:" in res.stdout
     assert "trainer rank 0" in res.stdout
 
