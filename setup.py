@@ -18,7 +18,11 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
-    entry_points={"console_scripts": ["switchkd = switchkd.cluster.cli:main"]},
+    entry_points={
+        "console_scripts": ["switchkd = switchkd.cluster.cli:main"],
+        # the teacher server's binary rows endpoint; vLLM loads it only where VLLM_PLUGINS names it
+        "vllm.endpoint_plugins": ["switchkd_rows = switchkd.rollout.engines.teacher_plugin:RowsEndpoint"],
+    },
     # Runtime pins live in requirements/cpu.txt (and gpu.txt): torch must be installed first,
     # alone, from its CPU wheel, so setup.py does not declare it and pip never pulls a CUDA build.
     install_requires=[],

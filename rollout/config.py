@@ -108,9 +108,10 @@ class RolloutConfig:
     draft_tokens: int = bounded(8, lo=1)           # initial k of block-speculative SWITCH
     max_draft_tokens: int = bounded(64, lo=1)      # maximum k of block-speculative SWITCH
     use_ray: bool = False                          # host engines in Ray actors (in-process otherwise)
-    # what the teacher engine sends per token (block/stepwise modes and reference scoring): its
-    # full-vocabulary log-probs, or its final hidden states (d_model values), turned into the
-    # same log-probs by its output layer on the receiving side (docs/rollout.md)
+    # what the teacher engine sends per token (block/stepwise modes and reference scoring; a Ray
+    # actor or a teacher server's rows endpoint): its full-vocabulary log-probs, or its final hidden
+    # states (d_model values), turned into the same log-probs by its output layer on the receiving
+    # side (docs/rollout.md)
     teacher_rows: str = choice("logprobs", ("logprobs", "hidden"))
     # generate = sampled rollouts (owners by rollout.switch.rule); reference = the data's reference
     # response scored by both models, no sampling (KD on ground truth, SFT)
@@ -137,9 +138,9 @@ class RolloutConfig:
                 raise ValueError(f"{key}.tensor_parallel_size={engine.tensor_parallel_size}: tensor parallelism "
                                  f"needs {key}.device=cuda")
         if self.teacher_rows == "hidden":
-            if self.engine != "vllm" or self.teacher.server.url is not None:
-                raise ValueError("rollout.teacher_rows=hidden: needs a vLLM teacher engine that switchkd runs "
-                                 "(rollout.engine=vllm, no rollout.teacher.server.url; a server sends log-probs)")
+            if self.engine != "vllm":
+                raise ValueError("rollout.teacher_rows=hidden: needs a vLLM teacher engine (rollout.engine=vllm), "
+                                 "in a Ray actor or behind a server with switchkd's rows endpoint")
             if self.mode == "lockstep" and self.source == "generate":
                 raise ValueError("rollout.teacher_rows=hidden: lockstep keeps the teacher's rows on its host, in "
                                  "shared memory; use rollout.mode=block (or stepwise) to send hidden states")

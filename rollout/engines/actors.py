@@ -289,7 +289,7 @@ def start_engines(model: ModelConfig, rollout: RolloutConfig, placement: dict | 
         if cls is TeacherEngine and engine.server.url is not None:
             from switchkd.rollout.engines.teacher_client import teacher_from_config
 
-            handles.append(EngineHandle(engine=teacher_from_config(path, model, engine)))
+            handles.append(EngineHandle(engine=teacher_from_config(path, model, engine, rollout.teacher_rows)))
             continue
         role = "teacher" if cls is TeacherEngine else "student"
         kwargs = engine_kwargs(path, model, engine, rollout.seed)

@@ -16,22 +16,30 @@ Robustness: per-request timeout, retries with exponential backoff on connection 
 timeouts, HTTP 5xx and malformed answers, then one-line ``ServerError`` naming the
 URL and the problem. HTTP 401/403 (API key) and other 4xx (a refused request) fail at once.
 
+Where the server also has switchkd's rows endpoint (``teacher_plugin.RowsEndpoint``, found at
+connect; a local server always has it), every call goes there instead: the rows come back as
+binary float32 arrays, and with ``rows="hidden"`` as the teacher's final hidden states (d_model
+values per token), which ``head`` (``output_head.OutputHead`` of the same teacher) turns into the
+same full-vocabulary rows here.
+
 ``teacher_from_config`` connects to a running server or starts a local one
 (``teacher_launcher``) that the client stops at ``shutdown()``.
 
-Limits of the server path (stock vLLM front end, no fast path): every full-vocab row is
+Limits of the JSON path (a stock server: stock vLLM front end, no fast path): every full-vocab row is
 sorted and serialised as JSON, and ``prompt_logprobs`` requests bypass the prefix cache and
 return rows for the whole sequence, so ``score`` costs grow with the prefix length. Measured
 on SmolLM2-135M (V = 49,152, 2 busy CPU cores): ~0.9 s per returned row (~4 MB of JSON each),
-e.g. 34 s to score one 40-token sequence; usable for small vocabularies, not yet for real
-teachers at rollout scale (that needs a binary, start-trimmed score endpoint). Log-probs
+e.g. 34 s to score one 40-token sequence; usable for small vocabularies, not for real
+teachers at rollout scale (the rows endpoint is the binary alternative). Log-probs
 below -9999 come back clamped to -9999.0 (vLLM's JSON convention for -inf); they are kept
 as -9999.0 (probability 0 either way).
 """
 from __future__ import annotations
 
+import io
 import json
 import operator
+import zipfile
 import os
 import random
 import subprocess
@@ -44,7 +52,9 @@ import numpy as np
 import requests
 
 from switchkd.rollout.engines.teacher_launcher import (
+    ENDPOINT_PLUGIN,
     LOGITS_PROCESSOR_FQCN,
+    ROWS_LOGITS_PROCESSOR,
     ServerError,
     start_local_server,
     stop_local_server,
@@ -58,6 +68,9 @@ SEED_KEY = "switch_seed"
 POSITION_KEY = "switch_position"
 TEMPERATURE_KEY = "switch_temperature"
 TOKEN_ID_PREFIX = "token_id:"  # return_tokens_as_token_ids format (vLLM format_token_id_placeholder)
+# switchkd's binary rows endpoint (teacher_plugin.RowsEndpoint) and the row kinds it sends.
+ROWS_PATH = "/v1/switchkd/rows"
+ROW_KINDS = ("logprobs", "hidden")
 _CUT_PREFIX = operator.itemgetter(slice(len(TOKEN_ID_PREFIX), None))
 _GET_LOGPROB = operator.itemgetter("logprob")
 
@@ -138,6 +151,26 @@ def _logprobs(choice: dict) -> dict:
     return lp
 
 
+def decode_rows(data: bytes) -> dict[str, np.ndarray]:
+    """An answer of the rows endpoint (an ``.npz``) as {name: array}; read with
+    ``allow_pickle=False``, so an object array is refused, never unpickled."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise _Malformed(f"not a rows answer ({type(e).__name__}: {_one_line(e, 120)})") from None
+
+
+def _binary_rows(arrays: dict, name: str, count: int, width: int) -> np.ndarray:
+    rows = arrays.get(name)
+    if rows is None or rows.dtype != np.float32 or rows.shape != (count, width):
+        got = "none" if rows is None else f"{rows.dtype} {rows.shape}"
+        raise _Malformed(f"{name}: {got}, expected float32 ({count}, {width})")
+    if not np.isfinite(rows).all():
+        raise _Malformed(f"{name} contain non-finite values")
+    return rows
+
+
 # ----------------------------------------------------------------------------- client
 
 
@@ -148,6 +181,9 @@ class ServerTeacher:
     per-request read timeout (connect timeout is ``min(timeout_s, 10)``); ``max_retries``:
     further attempts after a failed one, ``backoff_s * 2**i`` apart (at most ``backoff_max_s``).
     ``process``: a server started by :func:`start_local_server`, stopped by ``shutdown()``.
+    ``rows``: what the server sends per token, "logprobs" or "hidden" (needs the rows endpoint
+    and ``head``, the teacher's ``OutputHead``); ``binary``: use the rows endpoint (None: where
+    the server has it). ``bytes_received`` counts the answers' bytes.
     """
 
     def __init__(
@@ -163,15 +199,22 @@ class ServerTeacher:
         model: str | None = None,
         vocab_size: int | None = None,
         process: subprocess.Popen | None = None,
+        rows: str = "logprobs",
+        head: Callable[[np.ndarray], np.ndarray] | None = None,
+        binary: bool | None = None,
     ) -> None:
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1:
             raise ValueError("timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_concurrency >= 1 required")
+        if rows not in ROW_KINDS or (rows == "hidden") != (head is not None) or (rows == "hidden" and binary is False):
+            raise ValueError(f"rows={rows!r}: one of {ROW_KINDS}; 'hidden' needs head (and the rows endpoint)")
         base = url.rstrip("/")
         self.url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.api_key = api_key
         self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
         self.backoff_s, self.backoff_max_s = float(backoff_s), float(backoff_max_s)
         self.process = process
+        self.rows, self.head = rows, head
+        self.bytes_received = 0
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -183,7 +226,12 @@ class ServerTeacher:
             card = self._model_card(model)
             self.model: str = card["id"]
             self.max_model_len: int | None = card.get("max_model_len")
-            self._vocab_size = int(vocab_size) if vocab_size else self._probe_vocab_size()
+            self.endpoint = None if binary is False else self._rows_endpoint(required=bool(binary) or rows == "hidden")
+            if self.endpoint is not None:
+                self._vocab_size = int(self.endpoint["vocab_size"])
+                self._check_head()
+            else:
+                self._vocab_size = int(vocab_size) if vocab_size else self._probe_vocab_size()
         except BaseException:
             self.shutdown()
             raise
@@ -208,8 +256,11 @@ class ServerTeacher:
     def _fail(self, path: str, problem: str) -> ServerError:
         return ServerError(f"teacher server {self.url}{path}: {_one_line(problem)}")
 
-    def _request(self, method: str, path: str, payload: dict | None, parse: Callable[[Any], Any]):
-        """One call with retries; ``parse(json)`` validates the answer (raising _Malformed)."""
+    def _request(self, method: str, path: str, payload: dict | None, parse: Callable[[Any], Any], *,
+                 binary: bool = False, missing_ok: bool = False):
+        """One call with retries; ``parse(answer)`` validates the answer (raising _Malformed): its
+        JSON, or with ``binary`` the rows endpoint's arrays. ``missing_ok``: None for an HTTP
+        404/405 (a server without that path)."""
         attempts = self.max_retries + 1
         problem, tried = "", 0
         for attempt in range(attempts):
@@ -238,10 +289,17 @@ class ServerTeacher:
             if code >= 500:
                 problem = f"HTTP {code} {_error_text(resp)}"
                 continue
+            if missing_ok and code in (404, 405):
+                return None
             if code >= 400:
                 raise self._fail(path, f"HTTP {code}: request refused: {_error_text(resp)}")
+            with self._lock:
+                self.bytes_received += len(resp.content)
             try:
-                data = json.loads(resp.content)
+                data = decode_rows(resp.content) if binary else json.loads(resp.content)
+            except _Malformed as e:
+                problem = f"malformed answer: {e}"
+                continue
             except ValueError as e:
                 problem = f"malformed JSON in the answer ({e}; starts {resp.content[:60]!r})"
                 continue
@@ -268,6 +326,39 @@ class ServerTeacher:
             if c["id"] == model:
                 return c
         raise self._fail("/v1/models", f"serves {[c['id'] for c in cards]}, not {model!r}")
+
+    def _rows_endpoint(self, required: bool) -> dict | None:
+        """The rows endpoint's description, or None where the server has none (an error if ``required``)."""
+        def parse(data):
+            if not isinstance(data, dict) or not all(isinstance(data.get(k), int) for k in ("vocab_size", "hidden_size")):
+                raise _Malformed(f"{ROWS_PATH} describes no vocab_size / hidden_size")
+            if self.rows not in data.get("rows", ()):
+                raise _Malformed(f"{ROWS_PATH} sends {data.get('rows')}, not {self.rows!r} rows")
+            return data
+
+        info = self._request("GET", ROWS_PATH, None, parse, missing_ok=True)
+        if info is None and required:
+            raise self._fail(ROWS_PATH, f"not found: rows={self.rows!r} needs switchkd's rows endpoint; start the server "
+                                        f"with VLLM_PLUGINS={ENDPOINT_PLUGIN} and --logits-processors "
+                                        f"{ROWS_LOGITS_PROCESSOR} (docs/rollout.md), as url=local does")
+        return info
+
+    def _check_head(self) -> None:
+        info, head = self.endpoint, self.head
+        if head is not None and (head.vocab_size, head.hidden_size) != (info["vocab_size"], info["hidden_size"]):
+            raise self._fail(ROWS_PATH, f"the server's model has vocabulary {info['vocab_size']} and hidden size "
+                                        f"{info['hidden_size']}, the local output layer {head.vocab_size} and "
+                                        f"{head.hidden_size}: model.teacher must be the served model")
+
+    def _rows_request(self, payload: dict, parse: Callable[[dict], Any]):
+        return self._request("POST", ROWS_PATH, {**payload, "rows": self.rows}, parse, binary=True)
+
+    def _full_rows(self, arrays: dict, name: str, count: int, skip: int = 0) -> np.ndarray:
+        """The answer's ``count`` rows ``name`` from ``skip`` on, as float32 [count - skip, V]
+        log-probs (hidden rows through ``head``)."""
+        if self.rows == "hidden":
+            return self.head(_binary_rows(arrays, name, count, self.endpoint["hidden_size"])[skip:])
+        return _binary_rows(arrays, name, count, self._vocab_size)[skip:]
 
     def _probe_vocab_size(self) -> int:
         payload = {"model": self.model, "prompt": [0], "max_tokens": 1, "temperature": 0.0, "logprobs": -1,
@@ -341,6 +432,10 @@ class ServerTeacher:
             m = int(max_tokens[i])
             if m == 0:
                 return DecodeResult(np.zeros(0, np.int64), np.zeros((0, V), np.float32), "length")
+            if self.endpoint is not None:
+                result = self._decode_rows(prompts[i], m, stops, int(seeds[i]), int(positions[i]), float(temperature))
+                self._check_draws(result, temperature, int(seeds[i]), int(positions[i]))
+                return result
             payload = {
                 "model": self.model, "prompt": [int(t) for t in prompts[i]], "max_tokens": m,
                 "temperature": 0.0, "logprobs": -1, "return_tokens_as_token_ids": True,
@@ -367,6 +462,22 @@ class ServerTeacher:
 
         return self._map(one, list(range(n)))
 
+    def _decode_rows(self, prompt, m: int, stops: list[int], seed: int, position: int, temperature: float):
+        payload = {"prompt": [int(t) for t in prompt], "max_tokens": m, "stop_token_ids": stops,
+                   "seed": seed, "position": position, "temperature": temperature}
+
+        def parse(arrays) -> DecodeResult:
+            tokens = arrays.get("token_ids")
+            if tokens is None or tokens.dtype != np.int64 or tokens.ndim != 1 or not 1 <= len(tokens) <= m:
+                raise _Malformed(f"token_ids: {None if tokens is None else (tokens.dtype, tokens.shape)} "
+                                 f"for max_tokens={m}")
+            reason = str(arrays.get("finish_reason", ""))
+            if reason not in FINISH_REASONS:
+                raise _Malformed(f"finish_reason {reason!r}")
+            return DecodeResult(tokens, self._full_rows(arrays, "rows", len(tokens)), reason)
+
+        return self._rows_request(payload, parse)
+
     def _check_draws(self, result: DecodeResult, temperature: float, seed: int, position: int) -> None:
         """Every token must be switch.sample_token of its row: the server's logits processor is there."""
         from switchkd.rollout import switch
@@ -392,6 +503,8 @@ class ServerTeacher:
 
         def one(i: int) -> np.ndarray:
             s, a = [int(t) for t in sequences[i]], int(starts[i])
+            if self.endpoint is not None:
+                return self._score_rows(s, a)
             payload = {
                 "model": self.model, "prompt": s, "max_tokens": 1, "temperature": 0.0,
                 "logprobs": -1, "prompt_logprobs": -1, "return_tokens_as_token_ids": True,
@@ -407,14 +520,28 @@ class ServerTeacher:
                 top = _logprobs(choice)["top_logprobs"]
                 if len(top) != 1:
                     raise _Malformed(f"{len(top)} completion log-prob rows, expected 1")
-                return _score_rows(plp[a:], top[0], V)
+                return _json_score_rows(plp[a:], top[0], V)
 
             return self._request("POST", "/v1/completions", payload, parse)
 
         return self._map(one, list(range(len(sequences))))
 
+    def _score_rows(self, s: list[int], a: int) -> np.ndarray:
+        """score() of one sequence through the rows endpoint: prompt rows a .. L-1 and the row after s."""
+        def parse(arrays) -> np.ndarray:
+            first = int(arrays.get("prompt_first_position", -1))
+            if first < 1 or (a < len(s) and first > a):
+                raise _Malformed(f"prompt rows start at position {first}, the score needs position {a}")
+            last = self._full_rows(arrays, "rows", 1)
+            if a == len(s):
+                return last
+            return np.concatenate([self._full_rows(arrays, "prompt_rows", len(s) - first, skip=a - first), last])
 
-def _score_rows(prompt_rows: list, last_row: Any, vocab: int) -> np.ndarray:
+        payload = {"prompt": s, "max_tokens": 1, "prompt_rows": True}
+        return self._rows_request(payload, parse)
+
+
+def _json_score_rows(prompt_rows: list, last_row: Any, vocab: int) -> np.ndarray:
     out = np.empty((len(prompt_rows) + 1, vocab), np.float32)
     out[:-1] = _dense_rows(prompt_rows, vocab, "int")
     out[-1] = _dense_rows([last_row], vocab, "token_id")[0]
@@ -453,8 +580,9 @@ API_KEY_ENV = "SWITCHKD_TEACHER_API_KEY"
 LOCAL_URL = "local"
 
 
-def teacher_from_config(path: str, model, engine) -> ServerTeacher:
-    """The teacher engine for ``rollout.teacher.server`` (``engine``: the teacher's EngineConfig).
+def teacher_from_config(path: str, model, engine, rows: str = "logprobs") -> ServerTeacher:
+    """The teacher engine for ``rollout.teacher.server`` (``engine``: the teacher's EngineConfig;
+    ``rows``: rollout.teacher_rows, "hidden" rebuilds the rows with the output layer read from ``path``).
 
     ``server.url=local``: switchkd starts its own server for ``path`` on 127.0.0.1 (with
     ``server.api_key`` or a generated key) and stops it at ``shutdown()``. Any other URL: a
@@ -462,6 +590,11 @@ def teacher_from_config(path: str, model, engine) -> ServerTeacher:
     command line)."""
     srv = engine.server
     api_key = srv.api_key or os.environ.get(API_KEY_ENV) or None
+    head = None
+    if rows == "hidden":
+        from switchkd.rollout.engines.output_head import OutputHead
+
+        head = OutputHead(path)
     if srv.url == LOCAL_URL:
         extra = ["--max-model-len", str(engine.max_model_len), "--block-size", str(engine.block_size),
                  "--seed", "0"]
@@ -473,16 +606,17 @@ def teacher_from_config(path: str, model, engine) -> ServerTeacher:
         return launch_teacher(
             path, dtype=model.dtype, timeout_s=srv.timeout_s, max_retries=srv.max_retries, api_key=api_key,
             extra_args=extra, kv_cache_space_gb=engine.kv_cache_space_gb,
-            threads=None if engine.threads == "auto" else engine.threads, enforce_eager=engine.enforce_eager)
-    return ServerTeacher(srv.url, api_key, timeout_s=srv.timeout_s, max_retries=srv.max_retries)
+            threads=None if engine.threads == "auto" else engine.threads, enforce_eager=engine.enforce_eager,
+            rows=rows, head=head)
+    return ServerTeacher(srv.url, api_key, timeout_s=srv.timeout_s, max_retries=srv.max_retries, rows=rows, head=head)
 
 
 def launch_teacher(model_dir: str, *, dtype: str = "float32", timeout_s: float = 60.0, max_retries: int = 5,
-                   **server_kwargs) -> ServerTeacher:
+                   rows: str = "logprobs", head=None, **server_kwargs) -> ServerTeacher:
     """Start a local server for ``model_dir`` and return a ServerTeacher that owns it."""
     url, key, proc = start_local_server(model_dir, dtype=dtype, **server_kwargs)
     try:
-        return ServerTeacher(url, key, timeout_s=timeout_s, max_retries=max_retries, process=proc)
+        return ServerTeacher(url, key, timeout_s=timeout_s, max_retries=max_retries, process=proc, rows=rows, head=head)
     except BaseException:
         stop_local_server(proc)
         raise

@@ -1,7 +1,8 @@
 """A local vLLM OpenAI-compatible server for the teacher, on 127.0.0.1.
 
 ``start_local_server`` launches ``python -m vllm.entrypoints.openai.api_server`` with a
-generated API key (passed in the environment) and waits for ``/health``;
+generated API key (passed in the environment) and switchkd's binary rows endpoint
+(``teacher_plugin.RowsEndpoint``), and waits for ``/health``;
 ``stop_local_server`` stops its process group. Servers still running at exit are stopped.
 """
 from __future__ import annotations
@@ -21,8 +22,13 @@ import requests
 
 from switchkd.rollout.local_ray import free_port
 
-# vLLM's --logits-processors takes "<module>:<qualname>".
+# vLLM's --logits-processors takes "<module>:<qualname>". A stock server (JSON rows only) loads
+# the first; switchkd's server, with the binary rows endpoint (teacher_plugin.RowsEndpoint, the
+# entry point ENDPOINT_PLUGIN, allowlisted in VLLM_PLUGINS), the second, which installs the fast
+# log-prob path in the engine core.
 LOGITS_PROCESSOR_FQCN = "switchkd.rollout.engines.teacher_plugin:ServerSamplingLogitsProcessor"
+ROWS_LOGITS_PROCESSOR = "switchkd.rollout.engines.switch_sampling:SwitchSamplingLogitsProcessor"
+ENDPOINT_PLUGIN = "switchkd_rows"
 
 
 class ServerError(ValueError):
@@ -47,7 +53,8 @@ def _log_tail(path: str | None, lines: int = 25) -> str:
 
 def server_command(model_dir: str, *, dtype: str, port: int, extra_args: Sequence[str] = (),
                    enforce_eager: bool = True, skip_tokenizer_init: bool = True) -> list[str]:
-    """The vLLM OpenAI server command line (the API key travels in VLLM_API_KEY, not here).
+    """The vLLM OpenAI server command line (the API key travels in VLLM_API_KEY, not here; the
+    rows endpoint needs ``VLLM_PLUGINS=switchkd_rows`` in its environment).
 
     ``--skip-tokenizer-init``: requests are token ids and answers are read by id, so the
     server need not detokenize every full-vocabulary log-prob entry (``decoded_token`` null)."""
@@ -56,7 +63,7 @@ def server_command(model_dir: str, *, dtype: str, port: int, extra_args: Sequenc
         "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", dtype, *(["--enforce-eager"] if enforce_eager else []), "--max-logprobs", "-1",
         *(["--skip-tokenizer-init"] if skip_tokenizer_init else []),
-        "--logits-processors", LOGITS_PROCESSOR_FQCN,
+        "--logits-processors", ROWS_LOGITS_PROCESSOR,
         *map(str, extra_args),
     ]
 
@@ -94,7 +101,9 @@ def start_local_server(
     url = f"http://127.0.0.1:{port}"
     proc_env = dict(os.environ)
     extra_args = list(extra_args)
-    proc_env.update({"VLLM_API_KEY": api_key, "TOKENIZERS_PARALLELISM": "false"})
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    proc_env.update({"VLLM_API_KEY": api_key, "TOKENIZERS_PARALLELISM": "false",
+                     "VLLM_PLUGINS": ",".join(dict.fromkeys([*plugins, ENDPOINT_PLUGIN]))})
     if float(kv_cache_space_gb).is_integer():
         proc_env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_space_gb))
     else:  # the env var takes whole GiB only (and would override the flag)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ("tokens", "block_tokens_per_s", "stepwise_tokens_per_s", "hf_tokens_per_s", "floor_tokens_per_s",
         "block_over_stepwise", "floor_over_block", "block_over_hf",
@@ -23,15 +25,23 @@ def test_rollout_benchmark_quick(tmp_path):
     assert result["machine"]["versions"]["torch"]
 
 
-def test_teacher_rows_benchmark_quick(tmp_path):
-    """Both kinds of teacher rows on two Ray actor engines: the same rollouts (tiny pair, float32),
-    and exactly V / d_model times fewer bytes with hidden states (512 / 128 on the tiny teacher)."""
+@pytest.mark.parametrize("teacher", ["actor", "server"])
+def test_teacher_rows_benchmark_quick(tmp_path, teacher):
+    """Both kinds of teacher rows, from a Ray actor engine or a local teacher server: the same
+    rollouts (tiny pair, float32), and fewer bytes with hidden states: exactly V / d_model times
+    (512 / 128 on the tiny teacher) between actors; over HTTP each answer's .npz framing adds to
+    both, and the JSON path costs the most."""
     out = tmp_path / "rows.json"
-    res = subprocess.run([sys.executable, "benchmarks/teacher_rows.py", "--quick", "--json", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, "benchmarks/teacher_rows.py", "--quick", "--teacher", teacher,
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["same_rollouts"] is True
-    assert result["logprobs_over_hidden_bytes"] == 4.0
+    if teacher == "actor":
+        assert result["logprobs_over_hidden_bytes"] == 4.0
+    else:
+        assert result["logprobs_over_hidden_bytes"] > 2.0
+        assert result["json_logprobs"]["same_rollouts_as_logprobs"] is True
+        assert result["json_logprobs"]["teacher_row_bytes_per_token"] > 5 * result["logprobs"]["teacher_row_bytes_per_token"]
     for kind in ("logprobs", "hidden"):
         assert result[kind]["tokens"] > 0 and result[kind]["tokens_per_s"] > 0

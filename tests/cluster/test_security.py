@@ -246,6 +246,10 @@ def _is_true(node) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+def _is_false(node) -> bool:
+    return isinstance(node, ast.Constant) and node.value is False
+
+
 def unsafe_calls(source: str) -> list[tuple[int, str, str]]:
     """(line, call source, problem) of each call that can unpickle or execute data, or that
     hard-codes trust_remote_code=True."""
@@ -262,7 +266,7 @@ def unsafe_calls(source: str) -> list[tuple[int, str, str]]:
             problem = f"{name}: unpickles data"
         elif name == "torch.load" and not _is_true(kw.get("weights_only")):
             problem = "torch.load without weights_only=True"
-        elif parts[0] in ("np", "numpy") and parts[-1] == "load" and "allow_pickle" in kw:
+        elif parts[0] in ("np", "numpy") and parts[-1] == "load" and "allow_pickle" in kw and not _is_false(kw["allow_pickle"]):
             problem = "numpy load with allow_pickle"
         elif parts[0] == "yaml" and parts[-1] in ("unsafe_load", "unsafe_load_all", "full_load", "full_load_all"):
             problem = f"{name}: not a safe YAML loader"
@@ -300,7 +304,7 @@ AutoModelForCausalLM.from_pretrained(d); LLM(model=d, trust_remote_code=True); e
     good = """
 torch.load(p, weights_only=True); yaml.safe_load(t); yaml.load(t, Loader=yaml.SafeLoader)
 AutoModelForCausalLM.from_pretrained(d, use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
-AutoTokenizer.from_pretrained(d); load_file(p); json.loads(s)
+AutoTokenizer.from_pretrained(d); load_file(p); json.loads(s); np.load(b, allow_pickle=False); np.load(b)
 """
     assert len(unsafe_calls(bad)) == 13, unsafe_calls(bad)
     assert unsafe_calls(good) == []

@@ -53,8 +53,9 @@ def test_missing_weight_and_wrong_width_are_named(tmp_path):
 def test_hidden_rows_config_refuses_where_no_rows_cross(tmp_path):
     with pytest.raises(ValueError, match="rollout.teacher_rows=hidden: lockstep"):
         RolloutConfig(engine="vllm", teacher_rows="hidden")
-    with pytest.raises(ValueError, match="server"):
-        RolloutConfig(engine="vllm", mode="block", teacher_rows="hidden",
-                      teacher=EngineConfig(server=ServerConfig(url="http://127.0.0.1:1")))
+    with pytest.raises(ValueError, match="rollout.teacher_rows=hidden: needs a vLLM teacher engine"):
+        RolloutConfig(engine="hf", mode="block", teacher_rows="hidden")
+    server = EngineConfig(server=ServerConfig(url="http://127.0.0.1:1"))  # hidden rows come from its rows endpoint
+    assert RolloutConfig(engine="vllm", mode="block", teacher_rows="hidden", teacher=server).teacher_rows == "hidden"
     assert RolloutConfig(engine="vllm", mode="block", teacher_rows="hidden").teacher_rows == "hidden"
     assert RolloutConfig(engine="vllm", source="reference", teacher_rows="hidden").teacher_rows == "hidden"

@@ -6,6 +6,7 @@ http.server on 127.0.0.1 with tiny timeouts and backoff, so they take well under
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -19,7 +20,14 @@ import torch
 
 from switchkd.rollout import switch
 from switchkd.rollout.models.checks import ModelError
-from switchkd.rollout.engines.teacher_client import POSITION_KEY, SEED_KEY, TEMPERATURE_KEY, ServerTeacher
+from switchkd.rollout.engines.output_head import OutputHead
+from switchkd.rollout.engines.teacher_client import (
+    POSITION_KEY,
+    ROWS_PATH,
+    SEED_KEY,
+    TEMPERATURE_KEY,
+    ServerTeacher,
+)
 from switchkd.rollout.engines.teacher_launcher import (
     ServerError,
     start_local_server,
@@ -90,12 +98,35 @@ def good_answer(req: dict) -> dict:
     return {"id": "x", "object": "text_completion", "choices": [choice]}
 
 
+def good_rows_answer(req: dict, mode: str) -> bytes:
+    """The rows endpoint's answer (an .npz) over the same distribution; ``mode`` "garbage" sends
+    bytes that are no .npz, "pickle" an .npz whose rows are a pickled object array."""
+    if mode == "garbage":
+        return b"PK\x03\x04 not really a zip"
+    xargs = {SEED_KEY: req["seed"], POSITION_KEY: req["position"], TEMPERATURE_KEY: req["temperature"]} \
+        if "seed" in req else None
+    answer = good_answer({"max_tokens": req["max_tokens"], "vllm_xargs": xargs})
+    tokens = [int(t.split(":")[1]) for t in answer["choices"][0]["logprobs"]["tokens"]]
+    rows = np.tile(np.float32(LOGPROBS), (len(tokens), 1))
+    arrays = {"token_ids": np.array(tokens, np.int64), "rows": rows, "finish_reason": np.array("length")}
+    if mode == "pickle":
+        arrays["rows"] = np.array([{"not": "rows"}], dtype=object)
+    if req.get("prompt_rows"):
+        arrays.update(prompt_rows=np.tile(np.float32(LOGPROBS), (len(req["prompt"]) - 1, 1)),
+                      prompt_first_position=np.array(1))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 class FakeServer:
     """Serves /v1/models and /v1/completions; ``modes`` (consumed per completion request,
     then ``default``): "good", "500", "garbage", "slow", "short" (rows missing entries),
-    "greedy" (ignores vllm_xargs, as a server without the logits processor would)."""
+    "greedy" (ignores vllm_xargs, as a server without the logits processor would).
+    ``rows_endpoint``: also serves switchkd's rows endpoint (modes "good", "garbage", "pickle");
+    without it that path is a 404, as on a stock vLLM server."""
 
-    def __init__(self, modes=(), default="good", delay=1.0):
+    def __init__(self, modes=(), default="good", delay=1.0, rows_endpoint=False):
         self.modes, self.default, self.delay = list(modes), default, delay
         self.hits = 0
         fake = self
@@ -115,10 +146,19 @@ class FakeServer:
                     pass
 
             def do_GET(self):
+                if self.path == ROWS_PATH:
+                    if not rows_endpoint:
+                        return self._send(404, b'{"detail": "Not Found"}')
+                    info = {"vocab_size": V, "hidden_size": 2, "max_model_len": 64, "rows": ["logprobs", "hidden"]}
+                    return self._send(200, json.dumps(info).encode())
                 self._send(200, json.dumps({"data": [{"id": "fake", "max_model_len": 64}]}).encode())
 
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == ROWS_PATH:
+                    fake.hits += 1
+                    mode = fake.modes.pop(0) if fake.modes else fake.default
+                    return self._send(200, good_rows_answer(req, mode))
                 if req.get("prompt") == [0]:  # vocab probe
                     return self._send(200, json.dumps(good_answer(req)).encode())
                 fake.hits += 1
@@ -164,6 +204,43 @@ def test_fake_server_good_answers_decode_and_score():
         res = t.decode([[1, 2]], [3], temperature=0.7, seeds=[5], positions=[2], stop_token_ids=[])[0]
         assert len(res.token_ids) == 3 and res.logprobs.shape == (3, V)
         t.shutdown()
+
+
+def test_fake_rows_endpoint_is_used_where_the_server_has_it():
+    with FakeServer(rows_endpoint=True) as fake:
+        t = client(fake.url)
+        assert t.endpoint["vocab_size"] == V and t.vocab_size == V
+        rows = t.score([[1, 2, 3]], [1])[0]
+        np.testing.assert_allclose(rows, np.tile(np.float32(LOGPROBS), (3, 1)))
+        res = t.decode([[1, 2]], [3], temperature=0.7, seeds=[5], positions=[2], stop_token_ids=[])[0]
+        assert len(res.token_ids) == 3 and res.logprobs.shape == (3, V) and fake.hits == 2
+        t.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["garbage", "pickle"])
+def test_a_malformed_rows_answer_is_refused_never_unpickled(mode):
+    with FakeServer(rows_endpoint=True, default=mode) as fake:
+        t = client(fake.url)
+        with pytest.raises(ServerError, match="malformed answer") as e:
+            t.score([[1, 2, 3]], [1])
+        assert fake.url + ROWS_PATH in str(e.value) and "gave up after 4 attempts" in str(e.value)
+        t.shutdown()
+
+
+def test_hidden_rows_need_the_rows_endpoint(tiny_models):
+    with FakeServer() as fake:
+        with pytest.raises(ServerError, match="VLLM_PLUGINS=switchkd_rows") as e:
+            client(fake.url, rows="hidden", head=OutputHead(tiny_models["teacher"]))
+        assert fake.url in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="head"):
+        ServerTeacher("http://127.0.0.1:1", rows="hidden")
+
+
+def test_hidden_rows_from_another_model_are_refused(tiny_models):
+    # The fake server's model has hidden size 2; the tiny teacher's output layer takes another.
+    with FakeServer(rows_endpoint=True) as fake:
+        with pytest.raises(ServerError, match="model.teacher must be the served model"):
+            client(fake.url, rows="hidden", head=OutputHead(tiny_models["teacher"]))
 
 
 def test_http_500_is_retried():
@@ -344,3 +421,89 @@ def test_wrong_api_key_is_refused(server):
         ServerTeacher(url, "not-the-key", timeout_s=10, max_retries=3, backoff_s=1.0)
     assert url in str(e.value) and "\n" not in str(e.value)
     assert time.monotonic() - t0 < 5, "a refused key must not be retried"
+
+
+def test_the_local_server_has_the_rows_endpoint_and_json_gives_the_same_rows(server):
+    teacher, url, key, _ = server
+    assert teacher.endpoint is not None and teacher.endpoint["vocab_size"] == teacher.vocab_size
+    json_teacher = ServerTeacher(url, key, timeout_s=60, max_retries=2, binary=False)
+    try:
+        assert json_teacher.endpoint is None
+        starts = [2, 6]
+        for a, b in zip(teacher.score(PROMPTS, starts), json_teacher.score(PROMPTS, starts)):
+            np.testing.assert_array_equal(a, b)
+        kw = dict(temperature=0.8, seeds=[11, 12], positions=[0, 4], stop_token_ids=[])
+        teacher.bytes_received = json_teacher.bytes_received = 0
+        for a, b in zip(teacher.decode(PROMPTS, [6, 6], **kw), json_teacher.decode(PROMPTS, [6, 6], **kw)):
+            assert a.token_ids.tolist() == b.token_ids.tolist() and a.finish_reason == b.finish_reason
+            np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        assert json_teacher.bytes_received > 5 * teacher.bytes_received
+    finally:
+        json_teacher.shutdown()
+
+
+def test_hidden_rows_rebuild_the_teachers_rows(server, tiny_models):
+    teacher, url, key, _ = server
+    hidden = ServerTeacher(url, key, timeout_s=60, max_retries=2, rows="hidden", head=OutputHead(tiny_models["teacher"]))
+    try:
+        starts = [2, 6]
+        for a, b in zip(teacher.score(PROMPTS, starts), hidden.score(PROMPTS, starts)):
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+        kw = dict(temperature=0.8, seeds=[11, 12], positions=[0, 4], stop_token_ids=[])
+        teacher.bytes_received = hidden.bytes_received = 0
+        for a, b in zip(teacher.decode(PROMPTS, [8, 8], **kw), hidden.decode(PROMPTS, [8, 8], **kw)):
+            assert a.token_ids.tolist() == b.token_ids.tolist()
+            np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5, rtol=0)
+        # d_model (128) instead of V (512) float32 values per row, plus the same .npz framing
+        assert hidden.bytes_received < teacher.bytes_received / 2
+    finally:
+        hidden.shutdown()
+
+
+def test_the_rows_endpoint_requires_the_api_key(server):
+    import requests
+
+    url = server[1]
+    for method in ("GET", "POST"):
+        resp = requests.request(method, url + ROWS_PATH, json={"prompt": [1, 2], "max_tokens": 1}, timeout=10)
+        assert resp.status_code == 401, (method, resp.status_code)
+
+
+def test_a_bad_rows_request_is_refused_with_a_reason(server):
+    import requests
+
+    _, url, key, _ = server
+    resp = requests.post(url + ROWS_PATH, json={"prompt": [], "max_tokens": 1}, timeout=10,
+                         headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 400 and "prompt" in resp.json()["error"]["message"]
+
+
+def test_rollouts_with_a_hidden_rows_server_teacher_equal_the_logprob_rows(server, tiny_models):
+    """float32 block rollouts (SWITCH sampled at T = 1): a server teacher that sends hidden states
+    makes the same tokens and owners, divergences and teacher top-k as one that sends log-prob rows."""
+    from switchkd.rollout.config import ModelConfig, RolloutConfig, SwitchConfig
+    from switchkd.rollout.data.sequences import Prompt
+    from switchkd.rollout.engines.actors import EngineHandle, StudentEngine, engine_kwargs
+    from switchkd.rollout.engines.vllm_generator import VLLMSwitchGenerator
+
+    teacher, url, key, _ = server
+    model = ModelConfig(teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]))
+    cfg = RolloutConfig(engine="vllm", mode="block", temperature=1.0, max_new_tokens=24, batch_size=8,
+                        switch=SwitchConfig(tau0=0.42, decay=0.008))
+    student = EngineHandle(engine=StudentEngine(**engine_kwargs(model.student, model, cfg.student, 0)))
+    hidden = ServerTeacher(url, key, timeout_s=60, max_retries=2, rows="hidden", head=OutputHead(model.teacher))
+    try:
+        rng = np.random.default_rng(3)
+        prompts = [Prompt(i, rng.integers(3, 500, size=rng.integers(3, 20)).tolist(), switch.prompt_seed(3, i))
+                   for i in range(8)]
+        want, got = (VLLMSwitchGenerator(model, cfg, {2}, engines=(EngineHandle(engine=t), student)).generate(prompts)
+                     for t in (teacher, hidden))
+    finally:
+        hidden.shutdown()
+        student.shutdown()
+    owners = np.concatenate([s.owner for s in want])
+    assert 0.05 < owners.mean() < 0.95, "both owners must appear for the test to mean anything"
+    for w, g in zip(want, got):
+        assert g.response_ids == w.response_ids and g.owner == w.owner
+        np.testing.assert_allclose(g.jsd, w.jsd, atol=1e-5)
+        np.testing.assert_allclose(np.stack(g.topk_lps), np.stack(w.topk_lps), atol=1e-5)
