@@ -15,12 +15,14 @@ Generation (--generation):
   script with switchkd's interpreter (the CPU vLLM build, the same torch, transformers,
   accelerate and datasets pins as .venv-trl) with .venv-trl's trl package put on its path.
   The engine runs in the dtype TRL gives it: none, so vLLM's "auto", which makes a float32
-  checkpoint bfloat16 (recorded as config.vllm_dtype). A float32 engine cannot be used: the CPU
-  vLLM packs every float32 linear layer into a oneDNN kernel and drops its weight parameter,
-  and TRL's sync, which calls the model's load_weights directly, then fails ("'Parameter' object
-  has no attribute 'weight_loader'"). In bfloat16 on a CPU without bf16 instructions oneDNN
-  declines, the layers keep their weights, and TRL's sync works (checked against vLLM's own
-  reload_weights: identical log-probs).
+  checkpoint bfloat16 (recorded as config.vllm_dtype). TRL's colocated sync calls the vLLM
+  model's load_weights for each parameter. That works where the CPU vLLM keeps each linear
+  layer's weight parameter (bfloat16 on a CPU without bf16 instructions); where it packs the
+  weights into a oneDNN or SGL kernel and drops the parameter (float32 anywhere, bfloat16 on a
+  CPU with AVX512-BF16 or AMX), load_weights fails ("'Parameter' object has no attribute
+  'weight_loader'"). There the benchmark syncs the same tensors with vLLM's in-place
+  ``reload_weights`` (the worker's, given TRL's parameter iterator), which re-packs the kernels
+  (recorded as config.vllm_sync: "trl" or "reload_weights").
 * hf: HF `generate` with a KV cache, as trl_gkd.py, at the training precision; runs in .venv-trl.
 
 TRL's server mode (vllm_mode="server") cannot run on a CPU-only machine: the trainer always
@@ -48,6 +50,18 @@ import tempfile
 import time
 
 import trl_common
+
+
+def reload_sync(vllm_generation, worker):
+    """TRL's colocated sync with vLLM's in-place reload in place of load_weights, for an engine
+    whose linear layers are packed (see the module docstring)."""
+    def sync():
+        worker.reload_weights(weights_iterator=vllm_generation._iter_named_params())
+        model = worker.model_runner.get_model()   # a tied output layer is skipped by the loader: re-pack it
+        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model.lm_head, "quant_method"):
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        vllm_generation.llm.reset_prefix_cache()
+    return sync
 
 
 def run(args) -> dict:
@@ -88,7 +102,11 @@ def run(args) -> dict:
         if args.generation == "vllm":
             settings.update(vllm_mode="colocate",
                             vllm_dtype=str(trainer.vllm_generation.llm.llm_engine.model_config.dtype).removeprefix("torch."))
-            sync = trainer.vllm_generation.sync_weights
+            vllm_generation = trainer.vllm_generation
+            worker = vllm_generation.llm.llm_engine.model_executor.driver_worker
+            packed = any(p.numel() == 0 for p in worker.model_runner.model.parameters())
+            sync = reload_sync(vllm_generation, worker) if packed else vllm_generation.sync_weights
+            settings["vllm_sync"] = "reload_weights" if packed else "trl"
 
             def timed_sync():
                 start = time.perf_counter()
