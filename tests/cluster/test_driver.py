@@ -299,26 +299,29 @@ def test_a_killed_engine_is_restarted_and_every_prompt_is_trained_once(tiny_mode
     from switchkd.rollout.data.prompts import load_prompts
     from switchkd.rollout.data.schema import read_rollouts
 
-    args = _config(tiny_models, tmp_path, "trainer.epochs=3", f"rollout.mode={mode}")  # the kill lands mid-run
+    epochs = 6  # long enough that a kill within a second of the first step lands mid-run on a fast machine
+    args = _config(tiny_models, tmp_path, f"trainer.epochs={epochs}", f"rollout.mode={mode}")
+    cfg = load_config(args[1], args[2:])
+    prompts, _ = load_prompts(cfg.data, AutoTokenizer.from_pretrained(tiny_models["teacher"]), 0)
+    per_epoch = -(-len(prompts) // cfg.trainer.batch_size)
     proc = subprocess.Popen([*SWITCHKD, "train", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     while not (metrics.is_file() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
-    time.sleep(random.Random().uniform(0.0, 2.0))
+    time.sleep(random.Random().uniform(0.0, 1.0))
     _kill(victim)
+    steps_before_kill = len(metrics.read_text().splitlines())
+    assert steps_before_kill < epochs * per_epoch - 1, "the kill came after the last rollout: the test saw no restart"
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["policy_version"] for m in rows] == list(range(1, len(rows) + 1))
     assert rows[-1]["engine_restarts"] >= 1 or "weight sync of version" in err  # died in a rollout or a sync
-    cfg = load_config(args[1], args[2:])
-    prompts, _ = load_prompts(cfg.data, AutoTokenizer.from_pretrained(tiny_models["teacher"]), 0)
-    per_epoch = -(-len(prompts) // cfg.trainer.batch_size)
     files = sorted((tmp_path / "run" / "rollouts").glob("step_*.parquet"))
-    assert len(files) == len(rows) == 3 * per_epoch
-    for epoch in range(3):  # each prompt exactly once per epoch
+    assert len(files) == len(rows) == epochs * per_epoch
+    for epoch in range(epochs):  # each prompt exactly once per epoch
         trained = [i for f in files[epoch * per_epoch:(epoch + 1) * per_epoch]
                    for i in read_rollouts(f).column("prompt_index").to_pylist()]
         assert sorted(trained) == sorted(p.index for p in prompts), f"epoch {epoch}"
