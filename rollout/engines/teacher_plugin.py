@@ -22,7 +22,7 @@ import numpy as np
 
 from switchkd.rollout.engines.switch_sampling import SwitchSamplingLogitsProcessor, switch_extra_args
 from switchkd.rollout.engines.teacher_client import ROW_KINDS, ROWS_PATH
-from switchkd.rollout.engines.teacher_launcher import ENDPOINT_PLUGIN
+from switchkd.rollout.engines.teacher_launcher import ENDPOINT_PLUGIN, ROWS_LOGITS_PROCESSOR
 
 
 class ServerSamplingLogitsProcessor(SwitchSamplingLogitsProcessor):
@@ -61,11 +61,14 @@ class RowsEndpoint:
 
     async def init_state(self, engine_client, state, args) -> None:
         self.engine = engine_client
+        # The engine core keeps numpy rows (and samples SWITCH's draws) only with this processor.
+        self.ready = ROWS_LOGITS_PROCESSOR in [str(p) for p in engine_client.model_config.logits_processors or ()]
 
     async def describe(self) -> dict:
         config = self.engine.model_config
         return {"vocab_size": config.get_vocab_size(), "hidden_size": config.get_hidden_size(),
-                "max_model_len": config.max_model_len, "rows": list(ROW_KINDS)}
+                "max_model_len": config.max_model_len, "rows": list(ROW_KINDS) if self.ready else [],
+                "logits_processor": ROWS_LOGITS_PROCESSOR if self.ready else None}
 
     async def rows(self, request: dict):
         """One request: ``prompt`` (token ids), ``max_tokens``, ``rows`` (a ROW_KINDS entry),
@@ -75,6 +78,10 @@ class RowsEndpoint:
         prompt[prompt_first_position + r])."""
         from fastapi.responses import JSONResponse, Response
 
+        if not self.ready:
+            return JSONResponse({"error": {"message": f"the server runs without --logits-processors "
+                                                      f"{ROWS_LOGITS_PROCESSOR}, which the rows endpoint needs"}},
+                                status_code=400)
         final = None
         try:
             params = _sampling_params(request, self._fastpath)

@@ -123,8 +123,9 @@ class FakeServer:
     """Serves /v1/models and /v1/completions; ``modes`` (consumed per completion request,
     then ``default``): "good", "500", "garbage", "slow", "short" (rows missing entries),
     "greedy" (ignores vllm_xargs, as a server without the logits processor would).
-    ``rows_endpoint``: also serves switchkd's rows endpoint (modes "good", "garbage", "pickle");
-    without it that path is a 404, as on a stock vLLM server."""
+    ``rows_endpoint``: also serves switchkd's rows endpoint (modes "good", "garbage", "pickle"; "unready":
+    one whose server runs without the processor it needs); without it that path is a 404, as on a
+    stock vLLM server."""
 
     def __init__(self, modes=(), default="good", delay=1.0, rows_endpoint=False):
         self.modes, self.default, self.delay = list(modes), default, delay
@@ -149,7 +150,8 @@ class FakeServer:
                 if self.path == ROWS_PATH:
                     if not rows_endpoint:
                         return self._send(404, b'{"detail": "Not Found"}')
-                    info = {"vocab_size": V, "hidden_size": 2, "max_model_len": 64, "rows": ["logprobs", "hidden"]}
+                    kinds = [] if rows_endpoint == "unready" else ["logprobs", "hidden"]
+                    info = {"vocab_size": V, "hidden_size": 2, "max_model_len": 64, "rows": kinds}
                     return self._send(200, json.dumps(info).encode())
                 self._send(200, json.dumps({"data": [{"id": "fake", "max_model_len": 64}]}).encode())
 
@@ -234,6 +236,35 @@ def test_hidden_rows_need_the_rows_endpoint(tiny_models):
         assert fake.url in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="head"):
         ServerTeacher("http://127.0.0.1:1", rows="hidden")
+
+
+def test_an_endpoint_without_its_logits_processor_is_refused_at_connect():
+    with FakeServer(rows_endpoint="unready") as fake:
+        with pytest.raises(ServerError, match="--logits-processors switchkd.rollout.engines.switch_sampling"):
+            client(fake.url)
+
+
+def test_the_endpoint_refuses_requests_without_its_logits_processor():
+    """The server side: without ROWS_LOGITS_PROCESSOR the engine core has neither SWITCH's sampler
+    nor the numpy rows, so the endpoint describes no row kinds and answers 400 with the reason."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from switchkd.rollout.engines.teacher_launcher import ROWS_LOGITS_PROCESSOR
+    from switchkd.rollout.engines.teacher_plugin import RowsEndpoint
+
+    def engine(processors):
+        config = SimpleNamespace(logits_processors=processors, max_model_len=64, get_vocab_size=lambda: 8,
+                                 get_hidden_size=lambda: 4)
+        return SimpleNamespace(model_config=config)
+
+    plugin = RowsEndpoint()
+    for processors, kinds in (([], []), ([ROWS_LOGITS_PROCESSOR], ["logprobs", "hidden"])):
+        asyncio.run(plugin.init_state(engine(processors), None, None))
+        assert asyncio.run(plugin.describe())["rows"] == kinds
+    asyncio.run(plugin.init_state(engine(None), None, None))
+    answer = asyncio.run(plugin.rows({"prompt": [1, 2], "max_tokens": 1}))
+    assert answer.status_code == 400 and ROWS_LOGITS_PROCESSOR in answer.body.decode()
 
 
 def test_hidden_rows_from_another_model_are_refused(tiny_models):
