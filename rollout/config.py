@@ -111,8 +111,9 @@ class RolloutConfig:
     # what the teacher engine sends per token (block/stepwise modes and reference scoring; a Ray
     # actor or a teacher server's rows endpoint): its full-vocabulary log-probs, or its final hidden
     # states (d_model values), turned into the same log-probs by its output layer on the receiving
-    # side (docs/rollout.md)
-    teacher_rows: str = choice("logprobs", ("logprobs", "hidden"))
+    # side; auto = hidden from a teacher server that offers them (faster there), log-probs otherwise
+    # (docs/rollout.md)
+    teacher_rows: str = choice("auto", ("auto", "logprobs", "hidden"))
     # generate = sampled rollouts (owners by rollout.switch.rule); reference = the data's reference
     # response scored by both models, no sampling (KD on ground truth, SFT)
     source: str = choice("generate", ("generate", "reference"))

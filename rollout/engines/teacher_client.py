@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import operator
 import zipfile
 import os
@@ -60,6 +61,8 @@ from switchkd.rollout.engines.teacher_launcher import (
     stop_local_server,
 )
 from switchkd.rollout.engines.vllm_engine import FINISH_REASONS, DecodeResult, check_decode_args, check_score_args
+
+log = logging.getLogger(__name__)
 
 # SamplingParams.extra_args keys read by switch_sampling.SwitchSamplingLogitsProcessor (same
 # strings as switch_sampling.SEED_KEY / POSITION_KEY / TEMPERATURE_KEY; a test checks it). Kept
@@ -182,7 +185,8 @@ class ServerTeacher:
     further attempts after a failed one, ``backoff_s * 2**i`` apart (at most ``backoff_max_s``).
     ``process``: a server started by :func:`start_local_server`, stopped by ``shutdown()``.
     ``rows``: what the server sends per token, "logprobs" or "hidden" (needs the rows endpoint
-    and ``head``, the teacher's ``OutputHead``); ``binary``: use the rows endpoint (None: where
+    and ``head``, the teacher's ``OutputHead``), or "auto": hidden where both are there, else
+    log-probs (``self.rows`` holds the choice); ``binary``: use the rows endpoint (None: where
     the server has it). ``bytes_received`` counts the answers' bytes.
     """
 
@@ -205,8 +209,8 @@ class ServerTeacher:
     ) -> None:
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_concurrency < 1:
             raise ValueError("timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_concurrency >= 1 required")
-        if rows not in ROW_KINDS or (rows == "hidden") != (head is not None) or (rows == "hidden" and binary is False):
-            raise ValueError(f"rows={rows!r}: one of {ROW_KINDS}; 'hidden' needs head (and the rows endpoint)")
+        if rows not in (*ROW_KINDS, "auto") or (rows == "hidden" and (head is None or binary is False)):
+            raise ValueError(f"rows={rows!r}: one of {ROW_KINDS} or 'auto'; 'hidden' needs head (and the rows endpoint)")
         base = url.rstrip("/")
         self.url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.api_key = api_key
@@ -227,6 +231,9 @@ class ServerTeacher:
             self.model: str = card["id"]
             self.max_model_len: int | None = card.get("max_model_len")
             self.endpoint = None if binary is False else self._rows_endpoint(required=bool(binary) or rows == "hidden")
+            if rows == "auto":
+                offers_hidden = self.endpoint is not None and "hidden" in self.endpoint.get("rows", ())
+                self.rows = "hidden" if offers_hidden and head is not None else "logprobs"
             if self.endpoint is not None:
                 self._vocab_size = int(self.endpoint["vocab_size"])
                 self._check_head()
@@ -339,13 +346,13 @@ class ServerTeacher:
                  f"{ROWS_LOGITS_PROCESSOR} (docs/rollout.md), as url=local does")
         if info is None and required:
             raise self._fail(ROWS_PATH, f"not found: rows={self.rows!r} needs switchkd's rows endpoint; {start}")
-        if info is not None and self.rows not in info.get("rows", ()):
+        if info is not None and self.rows != "auto" and self.rows not in info.get("rows", ()):
             raise self._fail(ROWS_PATH, f"the endpoint sends no {self.rows!r} rows; {start}")
         return info
 
     def _check_head(self) -> None:
         info, head = self.endpoint, self.head
-        if head is not None and (head.vocab_size, head.hidden_size) != (info["vocab_size"], info["hidden_size"]):
+        if self.rows == "hidden" and (head.vocab_size, head.hidden_size) != (info["vocab_size"], info["hidden_size"]):
             raise self._fail(ROWS_PATH, f"the server's model has vocabulary {info['vocab_size']} and hidden size "
                                         f"{info['hidden_size']}, the local output layer {head.vocab_size} and "
                                         f"{head.hidden_size}: model.teacher must be the served model")
@@ -583,9 +590,10 @@ API_KEY_ENV = "SWITCHKD_TEACHER_API_KEY"
 LOCAL_URL = "local"
 
 
-def teacher_from_config(path: str, model, engine, rows: str = "logprobs") -> ServerTeacher:
+def teacher_from_config(path: str, model, engine, rows: str = "auto") -> ServerTeacher:
     """The teacher engine for ``rollout.teacher.server`` (``engine``: the teacher's EngineConfig;
-    ``rows``: rollout.teacher_rows, "hidden" rebuilds the rows with the output layer read from ``path``).
+    ``rows``: rollout.teacher_rows; hidden rows are rebuilt with the output layer read from ``path``,
+    and "auto" takes them where ``path`` has one and the server offers them).
 
     ``server.url=local``: switchkd starts its own server for ``path`` on 127.0.0.1 (with
     ``server.api_key`` or a generated key) and stops it at ``shutdown()``. Any other URL: a
@@ -594,10 +602,15 @@ def teacher_from_config(path: str, model, engine, rows: str = "logprobs") -> Ser
     srv = engine.server
     api_key = srv.api_key or os.environ.get(API_KEY_ENV) or None
     head = None
-    if rows == "hidden":
-        from switchkd.rollout.engines.output_head import OutputHead
+    if rows != "logprobs":
+        from switchkd.rollout.engines.output_head import OutputHead, OutputHeadError
 
-        head = OutputHead(path)
+        try:
+            head = OutputHead(path)
+        except (OutputHeadError, OSError, ValueError) as e:  # no local copy of the served model's output layer
+            if rows == "hidden":
+                raise
+            log.info("rollout.teacher_rows=auto: log-prob rows from the teacher server (%s)", e)
     if srv.url == LOCAL_URL:
         extra = ["--max-model-len", str(engine.max_model_len), "--block-size", str(engine.block_size),
                  "--seed", "0"]
@@ -615,7 +628,7 @@ def teacher_from_config(path: str, model, engine, rows: str = "logprobs") -> Ser
 
 
 def launch_teacher(model_dir: str, *, dtype: str = "float32", timeout_s: float = 60.0, max_retries: int = 5,
-                   rows: str = "logprobs", head=None, **server_kwargs) -> ServerTeacher:
+                   rows: str = "auto", head=None, **server_kwargs) -> ServerTeacher:
     """Start a local server for ``model_dir`` and return a ServerTeacher that owns it."""
     url, key, proc = start_local_server(model_dir, dtype=dtype, **server_kwargs)
     try:

@@ -58,4 +58,5 @@ def test_hidden_rows_config_refuses_where_no_rows_cross(tmp_path):
     server = EngineConfig(server=ServerConfig(url="http://127.0.0.1:1"))  # hidden rows come from its rows endpoint
     assert RolloutConfig(engine="vllm", mode="block", teacher_rows="hidden", teacher=server).teacher_rows == "hidden"
     assert RolloutConfig(engine="vllm", mode="block", teacher_rows="hidden").teacher_rows == "hidden"
+    assert RolloutConfig().teacher_rows == "auto" and RolloutConfig(engine="vllm").teacher_rows == "auto"  # any mode
     assert RolloutConfig(engine="vllm", source="reference", teacher_rows="hidden").teacher_rows == "hidden"

@@ -349,6 +349,7 @@ def test_teacher_from_config(monkeypatch):
         engine = EngineConfig(server=ServerConfig(url=fake.url + "/v1", api_key="k", timeout_s=2.0, max_retries=1))
         t = teacher_client.teacher_from_config("unused", ModelConfig(), engine)
         assert t.url == fake.url and t.max_retries == 1 and t.vocab_size == V and t.process is None
+        assert t.rows == "logprobs"  # teacher_rows=auto: no local output layer, a stock server: log-prob rows
         t.shutdown()
     seen = {}
     monkeypatch.setattr(teacher_client, "launch_teacher", lambda path, **kw: seen.update(path=path, **kw))
@@ -471,6 +472,17 @@ def test_the_local_server_has_the_rows_endpoint_and_json_gives_the_same_rows(ser
         assert json_teacher.bytes_received > 5 * teacher.bytes_received
     finally:
         json_teacher.shutdown()
+
+
+def test_auto_rows_are_hidden_where_the_endpoint_and_the_output_layer_are_there(server, tiny_models):
+    _, url, key, _ = server
+    head = OutputHead(tiny_models["teacher"])
+    for kw, want in ((dict(head=head), "hidden"), ({}, "logprobs"), (dict(head=head, binary=False), "logprobs")):
+        t = ServerTeacher(url, key, timeout_s=60, max_retries=2, rows="auto", **kw)
+        assert t.rows == want, kw
+        t.shutdown()
+    with FakeServer() as fake:  # a stock server: log-prob rows, no error
+        assert client(fake.url, rows="auto", head=head).rows == "logprobs"
 
 
 def test_hidden_rows_rebuild_the_teachers_rows(server, tiny_models):
