@@ -17,7 +17,9 @@ that was interrupted resumes from its last checkpoint (trainer.save_every). --co
 run's files as they land, in the repository that holds --results (so a study running from a
 worktree at a fixed commit can land its results in the main checkout). The warm-up's weights
 are recorded by checksum, so a study continued on another machine can check that it starts from
-the same student. The aggregate (RESULTS/../quality.json and plots/quality_*.png) is recomputed
+the same student (a rebuild on another CPU rounds differently: --rebuilt-warmup goes on from it,
+evaluates it as warm-up-SHA12 beside the original and records in each run which warm-up it
+started from). The aggregate (RESULTS/../quality.json and plots/quality_*.png) is recomputed
 from those files alone. --quick: the tiny random pair, 2 steps, one seed (checks the
 machinery; its numbers mean nothing).
 """
@@ -123,14 +125,21 @@ def commit(paths: list[Path], message: str, attempts: int = 5) -> None:
     print(f"warning: could not commit {', '.join(map(str, paths))}; commit them by hand", file=sys.stderr, flush=True)
 
 
-def check_same_warmup(results: Path, student: str) -> None:
-    """Refuse to continue a study whose saved runs started from another warm-up: its paired
-    comparisons would compare students with different starting points."""
-    saved, sha = load_run(results, "warm-up"), weights_sha256(student)
-    if saved is not None and saved.get("weights_sha256") != sha:
-        raise SystemExit(f"quality: {student} is not the warm-up the runs in {results} started from "
-                         f"(weights sha256 {sha[:12]}, saved {saved.get('weights_sha256', '?')[:12]}); "
-                         "pass --warmup-from with that student, or --results with a new directory")
+def warmup_run_name(results: Path, sha: str, rebuilt_ok: bool) -> str:
+    """The run name of the warm-up with weights ``sha``: "warm-up" for the one the saved runs
+    started from (or the first). Another one is refused (its paired comparisons would compare
+    students with different starting points) unless ``rebuilt_ok``: the same recipe rebuilt on
+    another CPU, whose floating-point rounding gives other bits; it is then evaluated as
+    "warm-up-SHA12", next to the original, so the study shows how far the rebuild moved it."""
+    saved = load_run(results, "warm-up")
+    if saved is None or saved.get("weights_sha256") == sha:
+        return "warm-up"
+    if not rebuilt_ok:
+        raise SystemExit(f"quality: the warm-up has weights sha256 {sha[:12]}, the runs in {results} started from "
+                         f"{saved.get('weights_sha256', '?')[:12]}; pass --warmup-from with that student, "
+                         "--rebuilt-warmup to go on from this one (the same recipe built on another CPU), "
+                         "or --results with a new directory")
+    return f"warm-up-{sha[:12]}"
 
 
 def run_study(args, base: list[str]) -> None:
@@ -146,9 +155,10 @@ def run_study(args, base: list[str]) -> None:
     student = args.warmup_from or train_stage(
         WARMUP_CONFIG, [*base, *training_overrides(args.warmup_steps, 0, out / "warmup"), f"trainer.lr={WARMUP_LR}"],
         out / "warmup", progress=False)["export"]
-    check_same_warmup(results, student)
+    warmup_sha = weights_sha256(student)
+    warmup = warmup_run_name(results, warmup_sha, args.rebuilt_warmup)
     code = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher), ("warm-up", student)]
+    fixed = [("teacher", load_config(config(REFERENCE), base).model.teacher), (warmup, student)]
     teacher = None
     for name, model_dir in fixed:
         if load_run(results, name) is None:
@@ -173,7 +183,7 @@ def run_study(args, base: list[str]) -> None:
                             saved_rollouts(run_dir) if method in ROLLOUT_METHODS else (),
                             max_prompts=args.eval_prompts, teacher_report=teacher)
         meta = {"run": name, "method": method, "seed": seed, "steps": args.steps, "config": config(method),
-                "overrides": base, "code": code, "train_seconds": train_seconds,
+                "overrides": base, "code": code, "warmup_sha256": warmup_sha, "train_seconds": train_seconds,
                 "wall_seconds": time.perf_counter() - start, "loadavg_5min": [load_start, os.getloadavg()[1]]}
         paths = save_run(results, name, report, meta)
         print(f"{name}: {report['greedy']['rougeL']:.2f} ROUGE-L greedy, {meta['wall_seconds'] / 60:.1f} min",
@@ -287,6 +297,9 @@ def main() -> None:
                         help=f"seeds per method (default: {' '.join(f'{m}={n}' for m, n in DEFAULT_SEEDS.items())})")
     parser.add_argument("--warmup-steps", type=int, default=60)
     parser.add_argument("--warmup-from", default=None, help="an existing warmed-up student export (skips the warm-up)")
+    parser.add_argument("--rebuilt-warmup", action="store_true",
+                        help="go on from a warm-up whose bits differ from the saved runs' (the same recipe built on "
+                             "another CPU); it is evaluated and reported beside the original")
     parser.add_argument("--eval-prompts", type=int, default=None,
                         help="a seeded sample of the test split (default: all of it)")
     parser.add_argument("--aggregate-only", action="store_true", help="train nothing: summarise the saved runs")

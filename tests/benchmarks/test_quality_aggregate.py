@@ -61,3 +61,17 @@ def test_saved_runs_round_trip_and_aggregate_from_files(tmp_path):
     assert "vs_switch-exp" not in switch
     text = quality.table({"methods": methods})
     assert "| gkd | 2 | 2 |" in text and "(-1.00 [" in text
+
+
+def test_a_rebuilt_warmup_is_refused_unless_asked_for_then_reported_beside_the_original(tmp_path):
+    results = tmp_path / "quality"
+    assert quality.warmup_run_name(results, "a" * 64, rebuilt_ok=False) == "warm-up"   # the first one
+    quality.save_run(results, "warm-up", report([1.0, 2.0, 3.0, 4.0]), {"run": "warm-up", "weights_sha256": "a" * 64})
+    assert quality.warmup_run_name(results, "a" * 64, rebuilt_ok=False) == "warm-up"
+    with pytest.raises(SystemExit, match="--rebuilt-warmup"):
+        quality.warmup_run_name(results, "b" * 64, rebuilt_ok=False)
+    name = quality.warmup_run_name(results, "b" * 64, rebuilt_ok=True)
+    assert name == "warm-up-" + "b" * 12
+    quality.save_run(results, name, report([1.0, 2.0, 3.0, 4.0], 0.25), {"run": name, "weights_sha256": "b" * 64})
+    rebuilt = quality.aggregate(results)[name]   # its own row, compared with the original warm-up
+    assert rebuilt["vs_warm-up"]["greedy"]["rougeL"]["all"]["diff"] == pytest.approx(0.25)
