@@ -175,7 +175,11 @@ def placement_group_for(plan: PlacementPlan, cluster):
                                f"has {ray.cluster_resources()}") from None
         yield pg
     finally:
-        remove_placement_group(pg)
+        # A private Ray goes down whole right after (ray_session), and may already be going: a
+        # SIGTERM to the run's process group also stops its GCS, and removing the group would
+        # then wait for it forever.
+        if not uses_private_ray(cluster):
+            remove_placement_group(pg)
 
 
 def bundle_nodes(pg) -> dict[int, str]:

@@ -350,6 +350,20 @@ def test_a_signal_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machi
     assert f"switchkd: {message}" in err
 
 
+def test_sigterm_to_the_whole_process_group_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machine):
+    """As a job scheduler or `kill -TERM -PGID` does: the private Ray's daemons get the signal too."""
+    proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    assert "switchkd: terminated" in err
+
+
 def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models, tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_1").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.json").write_text("{}")
