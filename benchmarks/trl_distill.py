@@ -55,11 +55,10 @@ import trl_common
 def reload_sync(vllm_generation, worker):
     """TRL's colocated sync with vLLM's in-place reload in place of load_weights, for an engine
     whose linear layers are packed (see the module docstring)."""
+    from switchkd.rollout.weight_sync.vllm_worker import reload_in_place
+
     def sync():
-        worker.reload_weights(weights_iterator=vllm_generation._iter_named_params())
-        model = worker.model_runner.get_model()   # a tied output layer is skipped by the loader: re-pack it
-        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model.lm_head, "quant_method"):
-            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        reload_in_place(worker, vllm_generation._iter_named_params())
         vllm_generation.llm.reset_prefix_cache()
     return sync
 

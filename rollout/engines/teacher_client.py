@@ -40,12 +40,12 @@ import io
 import json
 import logging
 import operator
-import zipfile
 import os
 import random
 import subprocess
 import threading
 import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 

@@ -9,6 +9,19 @@ from switchkd.rollout.weight_sync.interface import SyncTicket, WeightSyncError
 from switchkd.rollout.weight_sync.shm import ShmReceiver
 
 
+def reload_in_place(worker, weights) -> None:
+    """The worker's ``reload_weights`` in place from ``weights`` ((HF name, tensor) pairs), then a
+    re-pack of a tied output layer: the loader skips ``lm_head.weight`` when it is tied to the
+    embedding, so the CPU kernel's packed copy of it (``dispatch_cpu_unquantized_gemm``) would
+    keep serving the old weights."""
+    worker.reload_weights(weights_iterator=iter(weights))
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and lm_head is not None and hasattr(lm_head, "quant_method"):
+        lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
 class WeightSyncExtension:
     """Weight-sync methods vLLM mixes into its worker (``worker_extension_cls``), reached through
     ``LLM.collective_rpc`` on every worker of the engine. Weights go through the worker's own
@@ -29,19 +42,8 @@ class WeightSyncExtension:
         if receiver is None:
             raise WeightSyncError("collective weight sync: the engine has not joined a sync group")
         version, weights = receiver.receive(ticket, current_version)
-        self._switchkd_reload(weights)
+        reload_in_place(self, weights)
         return version
-
-    def _switchkd_reload(self, weights) -> None:
-        """``reload_weights`` in place, then re-pack a tied output layer: the loader skips
-        ``lm_head.weight`` when it is tied to the embedding, so the CPU kernel's packed copy of it
-        (``dispatch_cpu_unquantized_gemm``) would keep serving the old weights."""
-        self.reload_weights(weights_iterator=iter(weights))
-        model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-        if tied and lm_head is not None and hasattr(lm_head, "quant_method"):
-            lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
 # One class per process, even across a reload of this module: vLLM adds it to its worker class's
