@@ -37,7 +37,7 @@ from common import machine_info, write_json  # noqa: E402
 
 from switchkd.cluster.config import load_config  # noqa: E402
 from switchkd.rollout.data import schema  # noqa: E402
-from switchkd.trainer.batch import collate  # noqa: E402
+from switchkd.trainer.batch import collate, first_trained_position, shifted_logits  # noqa: E402
 from switchkd.trainer.ds_config import lr_factor, resolve_device, use_bf16  # noqa: E402
 from switchkd.trainer.group import Trainer  # noqa: E402
 from switchkd.trainer.losses import owner_weights, per_token_divergence  # noqa: E402
@@ -119,11 +119,13 @@ class PlainLoop:
         for j in range(tc.grad_accum_steps):
             b = collate(table.slice(j * tc.micro_batch_size, tc.micro_batch_size), pad_id=0).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-                keep = b.loss_mask
-                div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[keep],
-                                           teacher_topk_logprobs=b.topk_logprobs[keep])
-                weights = owner_weights(b.owner, keep, tc.student_token_weight, tc.teacher_token_weight)[keep]
+                first = first_trained_position(b.loss_mask)
+                logits = shifted_logits(self.model, b.input_ids, b.attention_mask, first)
+                keep = b.loss_mask[:, first:]
+                div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[:, first:][keep],
+                                           teacher_topk_logprobs=b.topk_logprobs[:, first:][keep])
+                weights = owner_weights(b.owner[:, first:], keep, tc.student_token_weight,
+                                        tc.teacher_token_weight)[keep]
             micro = (div * weights).sum() / tokens
             micro.backward()
             loss += micro.detach()

@@ -15,6 +15,7 @@ over the rows that have a reference, with the same shift: ref_mask marks referen
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,3 +174,21 @@ def collate(table: pa.Table, pad_id: int) -> TokenBatch:
             ids[i, start + t, : len(row_ids)] = row_ids
             lps[i, start + t, : len(row_lps)] = row_lps
     return TokenBatch(*(torch.from_numpy(a) for a in (input_ids, attention, loss_mask, owner, ids, lps)))
+
+
+def first_trained_position(*masks: torch.Tensor | None) -> int:
+    """The first shifted position at which any row of any of ``masks`` is trained (0 if none is)."""
+    columns = [int(m.any(0).int().argmax()) for m in masks if m is not None and bool(m.any())]
+    return min(columns, default=0)
+
+
+def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> torch.Tensor:
+    """Logits [B, L-1-first, V] at shifted positions first .. L-2 (position t predicts
+    input_ids[:, t + 1]). A model that takes HF's ``logits_to_keep`` (a DeepSpeed engine: its
+    module) runs its output layer at those positions only, so the prompt before ``first`` costs no
+    projection onto the vocabulary."""
+    forward = getattr(model, "module", model).forward
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, first:-1]
+    positions = torch.arange(first, input_ids.shape[1] - 1, device=input_ids.device)
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits

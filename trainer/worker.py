@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from switchkd.rollout.local_ray import free_port, tcp_store
 from switchkd.trainer import checkpoint
-from switchkd.trainer.batch import collate, collate_reference
+from switchkd.trainer.batch import collate, collate_reference, first_trained_position, shifted_logits
 from switchkd.trainer.ds_config import build_ds_config, lr_factor
 from switchkd.trainer.export import write_hf_dir
 from switchkd.trainer.losses import owner_weights, per_token_divergence, sft_loss
@@ -120,6 +120,7 @@ class TrainWorker:
         r = self.tc.sft_ratio
         ref = collate_reference(rows, self.pad_id) if r > 0 else None
         input_ids, attention = b.input_ids, b.attention_mask
+        ref_mask = None
         if ref is not None:
             # One forward for both terms (ZeRO-3 gathers stay one per micro-batch on every rank):
             # reference sequences are stacked under the rollout ones, right-padded to one length.
@@ -127,33 +128,36 @@ class TrainWorker:
             width = max(input_ids.shape[1], ref_ids.shape[1])
             input_ids = torch.cat([_pad(input_ids, width, self.pad_id), _pad(ref_ids, width, self.pad_id)])
             attention = torch.cat([_pad(attention, width, 0), _pad(ref_attention, width, 0)])
-        all_logits = self.engine(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        # Logits only from the first trained position on: no output layer over the prompts' common part.
+        first = first_trained_position(b.loss_mask, ref_mask)
+        all_logits = shifted_logits(self.engine, input_ids, attention, first)
         n, length = b.input_ids.shape
-        logits = all_logits[:n, :length - 1]
-        keep = b.loss_mask
+        logits = all_logits[:n, :length - 1 - first]
+        keep, owner = b.loss_mask[:, first:], b.owner[:, first:]
         if self.teacher is not None:
             with torch.no_grad():
-                t_logits = self.teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+                t_logits = shifted_logits(self.teacher, b.input_ids, b.attention_mask, first)
             teacher = {"teacher_logits": t_logits[keep]}
         else:
-            teacher = {"teacher_topk_ids": b.topk_ids[keep], "teacher_topk_logprobs": b.topk_logprobs[keep]}
+            teacher = {"teacher_topk_ids": b.topk_ids[:, first:][keep],
+                       "teacher_topk_logprobs": b.topk_logprobs[:, first:][keep]}
         div = per_token_divergence(self.tc.loss, logits[keep], **teacher, **self.tc.loss_params())
-        weights = owner_weights(b.owner, keep, self.tc.student_token_weight, self.tc.teacher_token_weight)[keep]
+        weights = owner_weights(owner, keep, self.tc.student_token_weight, self.tc.teacher_token_weight)[keep]
         # DeepSpeed averages gradients over ranks; multiplying by world makes the result the
         # per-token mean over the whole step, whatever the split over ranks and micro-batches.
         loss = (div * weights.to(div.dtype)).sum() * (self.world / total_tokens)
         nll_sum = torch.zeros((), dtype=loss.dtype, device=self.device)
         n_ref = 0
         if ref is not None:
-            ref_logits = all_logits[n:, :ref_ids.shape[1] - 1]
+            ref_logits = all_logits[n:, :ref_ids.shape[1] - 1 - first]
             n_ref = int(ref_mask.sum())
             # sft_loss is the mean NLL over the mask; times its token count gives the sum, which
             # is normalised like the distillation term: by the step's reference tokens, times world.
-            nll_sum = sft_loss(ref_logits, ref_ids[:, 1:], ref_mask) * n_ref
+            nll_sum = sft_loss(ref_logits, ref_ids[:, first + 1:], ref_mask[:, first:]) * n_ref
         if r > 0:
             loss = (1 - r) * loss + r * nll_sum * (self.world / max(ref_tokens, 1))
         with torch.no_grad():
-            is_teacher = b.owner[keep] == 1
+            is_teacher = owner[keep] == 1
             d = div.detach().double()
             sums += torch.stack([loss.detach().double() / self.world, d[~is_teacher].sum(),
                                  (~is_teacher).sum().double(), d[is_teacher].sum(), is_teacher.sum().double(),

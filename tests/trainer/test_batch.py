@@ -4,11 +4,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from switchkd.cluster.cli import main
 from switchkd.rollout.data import schema
 from switchkd.rollout.data.schema import SchemaError
-from switchkd.trainer.batch import check_rows, collate
+from switchkd.trainer.batch import check_rows, collate, first_trained_position, shifted_logits
 from switchkd.trainer.offline import batch_rows, load_rollouts
 
 TINY_YAML = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -38,6 +39,35 @@ def test_collate_aligns_targets_with_shifted_logits():
     assert b.topk_ids[0, 2].tolist() == [8, 9, -1] and b.topk_ids[0, 3].tolist() == [2, 4, 1]
     assert b.topk_logprobs[1, 0, 0].item() == pytest.approx(-0.2)
     assert (b.topk_ids[~b.loss_mask] == -1).all()
+
+
+def test_first_trained_position_is_the_earliest_response_start_over_every_mask():
+    b = collate(schema.to_table([_row(), _row(prompt_ids=[5, 6, 7, 9, 9], response_ids=[4], owner=[1], jsd=[0.0],
+                                              tau=[0.4], student_logprob=[-1.0], teacher_topk_ids=[[4]],
+                                              teacher_topk_logprobs=[[-0.2]])]), pad_id=0)
+    assert first_trained_position(b.loss_mask) == 2
+    ref = torch.zeros(1, 6, dtype=torch.bool)
+    ref[0, 1] = True
+    assert first_trained_position(b.loss_mask, ref) == 1
+    assert first_trained_position(b.loss_mask, None) == 2
+    assert first_trained_position(torch.zeros(2, 4, dtype=torch.bool)) == 0
+
+
+def test_shifted_logits_project_only_the_kept_positions(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"], dtype=torch.float32).eval()
+    ids = torch.randint(3, 30, (2, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0
+    projected = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: projected.append(args[0].shape[1]))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        kept = shifted_logits(model, ids, attention, 3)
+    hook.remove()
+    assert projected == [9, 5]            # the output layer ran at positions 3..7 only
+    torch.testing.assert_close(kept, full[:, 3:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("changes,message", [

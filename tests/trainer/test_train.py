@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 
 from switchkd.cluster.cli import main
 from switchkd.rollout.local_ray import init_ray
+from switchkd.trainer.batch import collate
 from switchkd.trainer.group import Trainer
+from switchkd.trainer.losses import distill_loss, owner_weights
 from switchkd.trainer.offline import batch_rows, load_rollouts, train_offline
 
 TINY_YAML = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -128,3 +130,20 @@ def test_teacher_model_source_trains_on_full_logits(make_cfg, rollout_file, tiny
     table, _ = load_rollouts([str(rollout_file)], str(tiny_models["student"]))
     losses, _ = _train(make_cfg(teacher_source="model", batch_size=8, loss="jsd"), table, 3)
     assert losses[2] < losses[0]
+
+
+def test_teacher_model_source_loss_is_the_full_vocabulary_divergence(make_cfg, rollout_file, tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    table, _ = load_rollouts([str(rollout_file)], str(tiny_models["student"]))
+    table = table.slice(0, 4)
+    cfg = make_cfg(teacher_source="model", batch_size=4, micro_batch_size=2, loss="jsd")
+    tc, b = cfg.trainer, collate(table, pad_id=0)
+    with torch.no_grad():
+        logits = {role: AutoModelForCausalLM.from_pretrained(tiny_models[role], dtype=torch.float64).eval()(
+            input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1] for role in ("student", "teacher")}
+        expected = distill_loss(tc.loss, logits["student"], teacher_logits=logits["teacher"], loss_mask=b.loss_mask,
+                                token_weights=owner_weights(b.owner, b.loss_mask, tc.student_token_weight,
+                                                            tc.teacher_token_weight), **tc.loss_params())
+    with Trainer(cfg) as trainer:
+        assert trainer.train_step(table)["loss"] == pytest.approx(float(expected), rel=1e-5)
