@@ -9,6 +9,7 @@ so parts must not share one), writing benchmarks/results/<name>.json:
 
     rollout   rollout_throughput.py  -> rollout_<pair>.json     lockstep / block / stepwise / HF / floor
     trainer   trainer_throughput.py  -> trainer.json            DeepSpeed ZeRO 1-3 vs a plain loop
+              trainer_throughput.py --size smollm2 -> trainer_smollm2.json   the default student, phases
     sync      weight_sync.py         -> weight_sync.json        shm / collective vs model size
     e2e       e2e.py                 -> e2e_<pair>.json         closed loop SWITCH + GKD vs TRL GKDTrainer
     trl       e2e.py --methods trl   -> trl_gkd_<pair>.json     TRL alone (e2e already includes it)
@@ -29,7 +30,8 @@ table of README.md.
 
 --models: tiny = the tiny random pair everywhere; smollm2 = the SmolLM2-135M pair for the
 parts that take a pair (rollout, e2e); default = tiny everywhere plus SmolLM2 for the rollout.
-Trainer, weight-sync and scaling runs use their own fixed model sizes. --quick forces tiny,
+Weight-sync and scaling runs use their own fixed model sizes, the trainer too (plus the SmolLM2
+student unless --models tiny). --quick forces tiny,
 writes to a fresh temporary directory unless --results-dir is given, and checks no target.
 """
 from __future__ import annotations
@@ -87,6 +89,9 @@ def plan(args, out: Path) -> list[Job]:
         elif part == "trainer":
             jobs.append(Job(part, "trainer", [py, str(HERE / "trainer_throughput.py"), *quick,
                                               "--json", str(out / "trainer.json")]))
+            if not args.quick and args.models != "tiny":   # the default pair's student, rows like its rollouts
+                jobs.append(Job(part, "trainer_smollm2", [py, str(HERE / "trainer_throughput.py"), "--size", "smollm2",
+                                                          "--json", str(out / "trainer_smollm2.json")]))
         elif part == "sync":
             jobs.append(Job(part, "weight_sync", [py, str(HERE / "weight_sync.py"), *(quick or ["--repeats", "3"]),
                                                   "--json", str(out / "weight_sync.json")]))
@@ -196,12 +201,14 @@ def headline(out: Path) -> dict:
         # from before lockstep was measured has no lockstep rows: the target is listed, unmeasured (None).
         best = [_best_floor_over(row, "lockstep") for row in r["length"]]
         targets["rollout_floor_over_lockstep_every_length"] = None if None in best else max(best)
-    for name in ("trainer", "trainer_gpu_fp32", "trainer_gpu_bf16"):
+    for name in ("trainer", "trainer_smollm2", "trainer_gpu_fp32", "trainer_gpu_bf16"):
         if r := load(out, name):
             h[name] = {"plain_tokens_per_s": r["plain"]["tokens_per_s"],
                        **{k: {"tokens_per_s": v["tokens_per_s"], "ratio_vs_plain": v["ratio_vs_plain"]}
                           for k, v in r["deepspeed"].items()}}
-            if name != "trainer":  # GPU figures: named by their card; no CPU target reads them
+            if "phase_seconds" in r["plain"]:
+                h[name]["plain_phase_seconds"] = r["plain"]["phase_seconds"]
+            if name.startswith("trainer_gpu"):  # GPU figures: named by their card; no CPU target reads them
                 h[name]["gpu"] = r["machine"].get("gpu", {}).get("name")
     if (r := load(out, "trainer")) and "deepspeed_zero1_workers1" in r["deepspeed"]:
         targets["trainer_zero1_over_plain"] = r["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
@@ -495,6 +502,14 @@ def render_tables(out: Path, summary: dict) -> str:
                           row["floor_over_block"], row["block"]["engine_calls_per_generate"]] for row in r["tau0"]])
     if r := load(out, "trainer"):
         lines += _trainer_table(r, "**Trainer** (`trainer_throughput.py`; response tokens/s, median step):")
+    if r := load(out, "trainer_smollm2"):
+        lines += _trainer_table(r, "**Trainer on the SmolLM2 student** (`trainer_throughput.py --size smollm2`; "
+                                   "8 rows like its rollouts, micro-batches of 4; response tokens/s, median step):")
+        phases = r["plain"].get("phase_seconds")
+        if phases:
+            total = sum(phases.values())
+            lines += ["The plain loop's step by phase (median seconds):", ""] + _table(
+                ["phase", "seconds", "share"], [[k, v, v / total] for k, v in phases.items()])
     if r := load(out, "scaling_trainer"):
         lines += _scaling_trainer_table(r, "**Trainer vs sequence length**")
     if r := load(out, "weight_sync"):
