@@ -55,9 +55,10 @@ SIZES = {  # model and batch per mode
     # ~100M parameters, 15k response tokens a step; on an H100 still near launch-bound (BENCHMARKS.md, GPU).
     "gpu": dict(layers=8, hidden=1024, rows=16, micro=8, prompt=64, response=960, topk=16, warmup=3, steps=16),
     # The default pair's student as `make run` trains it: the step's rows with the lengths of its rollouts.
-    # ZeRO-1 only, beside the same step with the output layer over every position (the ablation).
+    # ZeRO-0 and -1 (one worker: ZeRO-1 partitions nothing, only copies), and ZeRO-1 with the output
+    # layer over every position (the ablation).
     "smollm2": dict(pair="smollm2", rows=8, micro=4, prompt=(33, 48), response=(14, 64),
-                    topk=64, warmup=2, steps=8, stages=(1,), full_logits_too=True),
+                    topk=64, warmup=2, steps=8, stages=(0, 1), full_logits_too=True),
 }
 PHASES = ("collate", "forward", "loss", "backward", "optimizer")  # the plain loop's step, timed on the CPU
 

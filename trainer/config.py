@@ -21,7 +21,7 @@ class TrainerConfig:
     num_workers: int = bounded(1, lo=1)            # 1 = in-process, no Ray; >1 = Ray actors
     device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto = cuda when available
     cpus_per_worker: float = bounded(1.0, lo=0.0)   # Ray actors: CPUs reserved and torch threads each
-    zero_stage: int = choice(1, (0, 1, 2, 3))      # DeepSpeed ZeRO stage
+    zero_stage: int = choice(0, (0, 1, 2, 3))      # DeepSpeed ZeRO stage; 1-3 partition over workers
     batch_size: int = bounded(8, lo=1)             # rows per optimizer step, all workers together
     micro_batch_size: int = bounded(4, lo=1)       # rows per forward pass per worker
     precision: str = choice("auto", ("auto", "fp32", "bf16"))  # auto = bf16 on a GPU that has it

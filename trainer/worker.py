@@ -104,16 +104,28 @@ class TrainWorker:
         mine = list(range(self.rank, table.num_rows, self.world))
         m = self.tc.micro_batch_size
         sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)  # nccl reduces device tensors
+        grad_norm = None
         for j in range(self.tc.grad_accum_steps):
             rows = mine[j * m:(j + 1) * m]
             loss = self._micro_loss(table.take(rows), total_tokens, ref_tokens, sums) if rows else self._dummy_loss()
             self.engine.backward(loss, scale_wrt_gas=False)
+            if j == self.tc.grad_accum_steps - 1 and self._plain_optimizer():
+                # Without a ZeRO or mixed-precision optimizer DeepSpeed clips but drops the norm; the
+                # gradients are already averaged over ranks here (at the accumulation boundary).
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.engine.module.parameters() if p.grad is not None])
             self.engine.step()
         dist.all_reduce(sums)
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         out = dict(zip(_SUMS, sums.tolist()))
         out.update(lr=lr, grad_norm=None if grad_norm is None else float(grad_norm))
         return out
+
+    def _plain_optimizer(self) -> bool:
+        """ZeRO-0 in fp32: DeepSpeed steps torch's optimizer on the module's own gradients."""
+        e = self.engine
+        return e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled())
 
     def _micro_loss(self, rows: pa.Table, total_tokens: int, ref_tokens: int, sums: torch.Tensor) -> torch.Tensor:
         b = collate(rows, self.pad_id).to(self.device)

@@ -38,7 +38,7 @@ def _config(bench, student, out, device, stage):
                                 extra=("trainer.lr=0.001", "trainer.grad_clip=1.0"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_trainer_matches_plain_cpu_loop(bench, student, tmp_path, device, stage):
     if device == "cuda" and not torch.cuda.is_available():
