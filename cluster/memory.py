@@ -143,7 +143,8 @@ def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, c
     weight_bytes = DTYPE_BYTES[precision]
     params = n * weight_bytes
     grads = n * weight_bytes
-    optimizer = n * (8 + (4 if precision == "bf16" else 0))   # AdamW moments (+ fp32 masters under bf16)
+    # AdamW moments, plus the fp32 master copy that bf16 and ZeRO 1-3 keep (even of fp32 weights)
+    optimizer = n * (8 + (4 if precision == "bf16" or stage >= 1 else 0))
     if stage >= 1:
         optimizer //= workers
     if stage >= 2:

@@ -37,12 +37,13 @@ def test_a_missing_model_has_no_shape(tmp_path):
 
 
 @pytest.mark.parametrize("stage,precision,expected", [
-    # fp32: params 4 + grads 4 + AdamW moments 8 bytes per parameter; ZeRO-1 splits the moments over
-    # the 4 workers, ZeRO-2 the gradients too, ZeRO-3 the parameters too
+    # fp32: params 4 + grads 4 + AdamW moments 8 bytes per parameter; ZeRO-1 adds its fp32 master
+    # copy (4) and splits moments and copy over the 4 workers, ZeRO-2 the gradients too, ZeRO-3 the
+    # parameters too
     (0, "fp32", (4_000_000, 4_000_000, 8_000_000)),
-    (1, "fp32", (4_000_000, 4_000_000, 2_000_000)),
-    (2, "fp32", (4_000_000, 1_000_000, 2_000_000)),
-    (3, "fp32", (1_000_000, 1_000_000, 2_000_000)),
+    (1, "fp32", (4_000_000, 4_000_000, 3_000_000)),
+    (2, "fp32", (4_000_000, 1_000_000, 3_000_000)),
+    (3, "fp32", (1_000_000, 1_000_000, 3_000_000)),
     # bf16: params 2 + grads 2 + (fp32 masters + moments) 12
     (1, "bf16", (2_000_000, 2_000_000, 3_000_000)),
     (3, "bf16", (500_000, 500_000, 3_000_000)),
