@@ -151,9 +151,14 @@ def trainer_memory(role: str, student: ModelShape, teacher: ModelShape | None, c
         grads //= workers
     if stage >= 3:
         params //= workers
-    tokens = tc.micro_batch_size * (tokens_per_row or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
-    activations = tokens * (student.layers * student.hidden * ACTIVATION_FACTOR * weight_bytes
-                            + student.vocab * 4 * LOGIT_COPIES)
+    row = tokens_per_row or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    tokens = tc.micro_batch_size * row
+    # Logits start at the micro-batch's first trained position: one rollout row alone gets them
+    # over its response only; rows of several prompt lengths (or SFT rows) over up to the whole row.
+    alone = tc.micro_batch_size == 1 and tc.sft_ratio == 0
+    logit_tokens = min(row, cfg.rollout.max_new_tokens) if alone else tokens
+    activations = (tokens * student.layers * student.hidden * ACTIVATION_FACTOR * weight_bytes
+                   + logit_tokens * student.vocab * 4 * LOGIT_COPIES)
     parts = {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations}
     if tc.teacher_source == "model" and teacher is not None:
         parts["teacher"] = teacher.params * DTYPE_BYTES[cfg.model.dtype]

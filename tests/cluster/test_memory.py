@@ -60,6 +60,18 @@ def test_zero_stages_partition_the_model_states(tiny_models, stage, precision, e
     assert role.parts["runtime"] == TRAINER_RUNTIME and "teacher" not in role.parts
 
 
+@pytest.mark.parametrize("micro,sft_ratio,logit_tokens", [
+    (1, 0.0, 10),      # one row: logits over its response only (rollout.max_new_tokens)
+    (1, 0.5, 16),      # its reference row is stacked under it: the whole row
+    (2, 0.0, 32),      # rows of other prompt lengths: up to every position of both
+])
+def test_logits_are_counted_from_the_first_trained_position(tiny_models, micro, sft_ratio, logit_tokens):
+    cfg = _cfg(tiny_models, f"trainer.micro_batch_size={micro}", f"trainer.sft_ratio={sft_ratio}",
+               "trainer.batch_size=4", "rollout.max_new_tokens=10", "data.max_prompt_tokens=6")
+    role = trainer_memory("trainer rank 0", SHAPE, None, cfg, "cpu")
+    assert role.parts["activations"] == micro * 16 * 2 * 128 * 18 * 4 + logit_tokens * 512 * 4 * 4
+
+
 def test_a_teacher_forward_in_the_trainer_adds_the_teachers_weights(tiny_models):
     cfg = _cfg(tiny_models, "trainer.teacher_source=model", "model.dtype=bfloat16")
     teacher = dataclasses.replace(SHAPE, params=3_000_000)
