@@ -254,6 +254,8 @@ TABLE_METRICS = (("greedy", "rougeL"), ("greedy", "fidelity"), ("sampled", "reve
 def table(result: dict) -> str:
     """Markdown: every metric's mean +- std over seeds per method, its difference to SWITCH with the
     paired 95% CI, and greedy ROUGE-L in the longest bucket."""
+    from switchkd.rollout.evaluation.evaluate import bucket_labels
+
     head = ["method", "seeds", "min/run"] + [f"{mode} {metric}" for mode, metric in TABLE_METRICS] + [
         "longest bucket ROUGE-L", "EOS (greedy)", "teacher fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -272,7 +274,7 @@ def table(result: dict) -> str:
                 cell += f" ({ci['diff']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}]{mark})"
             cells.append(cell)
         buckets = e["greedy"]["by_reference_length"]
-        longest = list(buckets)[-1]
+        longest = [b for b in bucket_labels() if b in buckets][-1]   # the JSON's keys are sorted as text
         cells += [f"[{longest}] {buckets[longest]['rougeL']['mean']:.2f}", f"{e['greedy']['eos_rate']['mean']:.2f}",
                   f"{e['teacher_fraction']['mean']:.3f}" if "teacher_fraction" in e else "-"]
         lines.append("| " + " | ".join(cells) + " |")

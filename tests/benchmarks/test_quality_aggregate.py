@@ -10,9 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
 
 
+BUCKETS = ("0-15", "16-31", "128+")
+
+
 def report(scores: list[float], shift: float = 0.0) -> dict:
-    """A minimal eval report: per-prompt greedy ROUGE-L and sampled reverse KL, two buckets."""
-    rows = [{"index": i, "bucket": "0-15" if i % 2 else "16-31", "reference": "r", "teacher_answer": "t",
+    """A minimal eval report: per-prompt greedy ROUGE-L and sampled reverse KL, three buckets."""
+    rows = [{"index": i, "bucket": BUCKETS[i % 3], "reference": "r", "teacher_answer": "t",
              "greedy": {"response": "x", "rougeL": s + shift, "finish_reason": "stop"},
              "sampled": {"response": "y", "reverse_kl": 2.0 - shift, "finish_reason": "length"}}
             for i, s in enumerate(scores)]
@@ -20,7 +23,7 @@ def report(scores: list[float], shift: float = 0.0) -> dict:
     def summary(mode, metric):
         values = [r[mode][metric] for r in rows]
         by = {b: {"prompts": 0, metric: sum(r[mode][metric] for r in rows if r["bucket"] == b)
-                  / sum(r["bucket"] == b for r in rows)} for b in ("0-15", "16-31")}
+                  / sum(r["bucket"] == b for r in rows)} for b in sorted(BUCKETS)}  # keys as JSON sorts them
         return {"temperature": 0.0 if mode == "greedy" else 0.7, metric: sum(values) / len(values),
                 "mean_response_tokens": 5.0,
                 "by_reference_length": by, "finish_reasons": {"stop" if mode == "greedy" else "length": len(rows)}}
@@ -57,10 +60,11 @@ def test_saved_runs_round_trip_and_aggregate_from_files(tmp_path):
     ci = gkd["vs_switch-exp"]["greedy"]["rougeL"]["all"]
     assert ci["n"] == 40 and ci["diff"] == pytest.approx(-1.0) and ci["lo"] <= -0.5 and ci["hi"] >= -1.5
     assert gkd["vs_warm-up"]["sampled"]["reverse_kl"]["all"]["diff"] == pytest.approx(-0.5)
-    assert set(gkd["vs_switch-exp"]["greedy"]["rougeL"]) == {"all", "0-15", "16-31"}
+    assert set(gkd["vs_switch-exp"]["greedy"]["rougeL"]) == {"all", *BUCKETS}
     assert "vs_switch-exp" not in switch
     text = quality.table({"methods": methods})
     assert "| gkd | 2 | 2 |" in text and "(-1.00 [" in text
+    assert "| [128+] " in text       # the longest bucket by length, not the last key in text order
 
 
 def test_a_rebuilt_warmup_is_refused_unless_asked_for_then_reported_beside_the_original(tmp_path):
