@@ -3,7 +3,8 @@
     python benchmarks/memory.py [--config configs/tiny.yaml] [--steps 6] [--json out.json] [overrides ...]
 
 Runs `switchkd train` for --steps steps and samples, every 0.2 s, the peak resident set (VmHWM)
-of every process of the run: the driver, each trainer rank (ray::TrainWorker), the student
+of every process of the run (and what they held at once: their anonymous memory summed, and the
+machine's used memory): the driver, each trainer rank (ray::TrainWorker), the student
 engine (ray::StudentEngine, or ray::PairEngine in lockstep mode) and the teacher engine
 (ray::TeacherEngine, or lockstep's teacher process). Ray's own daemons are not counted. The
 estimate (cluster/memory.py) is computed for the run's longest row (prompt + response, read from
@@ -37,34 +38,45 @@ def role_of(cmdline: str) -> str | None:
     return next((role for marker, role in ROLES if marker in cmdline), None)
 
 
-def peak_kib(pid: int) -> int:
-    """VmHWM of ``pid`` in KiB (0 when it is gone)."""
+def status_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident set) and RssAnon (anonymous memory now) of ``pid`` in KiB (0 when it is gone)."""
+    out = {"VmHWM": 0, "RssAnon": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+            key = line.split(":", 1)[0]
+            if key in out:
+                out[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return out
 
 
-def run_and_sample(cmd: list[str], interval: float = 0.2) -> dict[str, int]:
-    """Run ``cmd`` (exit when it fails); the peak resident bytes per role over its process tree
-    (the highest process of a role when several hold it)."""
+def run_and_sample(cmd: list[str], interval: float = 0.2) -> tuple[dict[str, int], dict[str, int]]:
+    """Run ``cmd`` (exit when it fails): (the peak resident bytes per role over its process tree
+    (the highest process of a role when several hold it), what the roles held at once: the peak
+    of their anonymous memory summed at each sample and the peak growth of the machine's used
+    memory (total - available) over its level before the run)."""
+    used = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available  # noqa: E731
+    before = used()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peaks = psutil.Process(proc.pid), {}
+    root, peaks, together = psutil.Process(proc.pid), {}, {"anonymous_sum": 0, "machine_used_growth": 0}
     while proc.poll() is None:
         try:
             members = [(root, "driver")] + [(p, role_of(" ".join(p.cmdline()))) for p in root.children(recursive=True)]
         except psutil.Error:
             members = [(root, "driver")]
+        anonymous = 0
         for process, role in members:
             if role is not None:
-                peaks[role] = max(peaks.get(role, 0), peak_kib(process.pid) * 1024)
+                status = status_kib(process.pid)
+                peaks[role] = max(peaks.get(role, 0), status["VmHWM"] * 1024)
+                anonymous += status["RssAnon"] * 1024
+        together["anonymous_sum"] = max(together["anonymous_sum"], anonymous)
+        together["machine_used_growth"] = max(together["machine_used_growth"], used() - before)
         time.sleep(interval)
     if proc.returncode != 0:
         sys.exit(f"memory: {' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
-    return peaks
+    return peaks, together
 
 
 def longest_row(run_dir: Path) -> int:
@@ -91,7 +103,7 @@ def main() -> None:
         run_dir = Path(args.out) if args.out else Path(tmp) / "run"
         overrides = [*args.overrides, f"trainer.max_steps={args.steps}", f"trainer.output_dir={run_dir}",
                      "loop.save_rollouts=true", "trainer.tensorboard=false"]
-        measured = run_and_sample([sys.executable, "-m", "switchkd.cluster.cli", "train", "--config", args.config,
+        measured, together = run_and_sample([sys.executable, "-m", "switchkd.cluster.cli", "train", "--config", args.config,
                                       *overrides])
         tokens = longest_row(run_dir)
     cfg = load_config(args.config, overrides)
@@ -102,12 +114,17 @@ def main() -> None:
         roles[role] = {"measured_gib": peak / GIB, "estimate_gib": estimate / GIB, "ratio": estimate / peak,
                        "parts_gib": {k: v / GIB for k, v in estimates[role].parts.items()}}
     within = all(abs(r["ratio"] - 1) <= args.tolerance for r in roles.values())
+    # The plan's sum against what the run held at once: per-role peaks need not coincide.
+    together = {"plan_total_gib": sum(r.total for r in estimates.values()) / GIB,
+                "sum_of_role_peaks_gib": sum(measured.values()) / GIB,
+                **{f"{k}_peak_gib": v / GIB for k, v in together.items()}}
     write_json({"benchmark": "memory", "machine": machine_info(), "config": args.config, "overrides": overrides,
                 "longest_row_tokens": tokens, "tolerance": args.tolerance, "within_tolerance": within,
-                "roles": roles}, args.json)
+                "roles": roles, "together": together}, args.json)
     for role, r in roles.items():
         print(f"{role:<16} measured {r['measured_gib']:.2f} GiB, estimate {r['estimate_gib']:.2f} GiB "
               f"(x{r['ratio']:.2f})", file=sys.stderr)
+    print("together: " + ", ".join(f"{k} {v:.2f}" for k, v in together.items()), file=sys.stderr)
     sys.exit(0 if within else 1)
 
 

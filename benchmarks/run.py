@@ -56,10 +56,13 @@ from common import machine_info, write_json  # noqa: E402
 PARTS = ("rollout", "trainer", "sync", "e2e", "scaling", "trl", "gpu")
 GPU_RESULTS = ("trainer_gpu_fp32", "trainer_gpu_bf16", "scaling_trainer_gpu")
 # The rollout target is judged on rollout.mode's default, lockstep (block is shown beside it).
-# The end-to-end target is judged on each pair that has a result (the SmolLM2 one only after
-# `run.py --only e2e --models smollm2`): "e2e_switch_over_trl_samples_per_s" is the tiny pair.
-TARGETS = {"e2e_switch_over_trl_samples_per_s": (">=", 3.0), "e2e_switch_over_trl_samples_per_s_smollm2": (">=", 3.0),
-           "rollout_floor_over_lockstep_every_length": ("<=", 1.5), "trainer_zero1_over_plain": (">=", 0.9)}
+# The end-to-end targets are judged on each pair that has a result (the SmolLM2 one only after
+# `run.py --only e2e --models smollm2`); keys without a pair suffix are the tiny pair's.
+E2E_TARGETS = {"e2e_switch_over_trl_distill": (">=", 2.0), "e2e_switch_over_trl_gkd": (">=", 4.0),
+               "e2e_training_over_trl": (">=", 1.2)}
+TARGETS = {**E2E_TARGETS, **{f"{k}_smollm2": v for k, v in E2E_TARGETS.items()},
+           "rollout_floor_over_lockstep_every_length": ("<=", 1.5), "trainer_zero1_over_plain": (">=", 0.9),
+           "trainer_zero0_over_plain_smollm2": (">=", 0.95)}
 
 
 @dataclass
@@ -212,6 +215,8 @@ def headline(out: Path) -> dict:
                 h[name]["gpu"] = r["machine"].get("gpu", {}).get("name")
     if (r := load(out, "trainer")) and "deepspeed_zero1_workers1" in r["deepspeed"]:
         targets["trainer_zero1_over_plain"] = r["deepspeed"]["deepspeed_zero1_workers1"]["ratio_vs_plain"]
+    if (r := load(out, "trainer_smollm2")) and "deepspeed_zero0_workers1" in r["deepspeed"]:
+        targets["trainer_zero0_over_plain_smollm2"] = r["deepspeed"]["deepspeed_zero0_workers1"]["ratio_vs_plain"]
     for name in ("scaling_trainer", "scaling_trainer_gpu"):
         if r := load(out, name):
             h[name] = {row["length"]: {"plain": row["plain"]["tokens_per_s"],
@@ -222,16 +227,24 @@ def headline(out: Path) -> dict:
                                                               "memcpy_s")} for row in r["table"]}
     for pair in ("tiny", "smollm2"):
         if r := load(out, f"e2e_{pair}"):
-            h[f"e2e_{pair}"] = {name: {"samples_per_s": m["samples_per_s"], "tokens_per_s": m["tokens_per_s"]}
+            h[f"e2e_{pair}"] = {name: {"samples_per_s": m["samples_per_s"], "tokens_per_s": m["tokens_per_s"],
+                                       "training_tokens_per_s": m["phases"]["training_tokens_per_s"]}
                                 for name, m in r["methods"].items()}
+            h[f"e2e_{pair}"]["dtype"] = r["config"]["dtype"]
             h[f"e2e_{pair}"]["ratios"] = r.get("ratios", {})
-            m = r["methods"]
-            if "switchkd_switch" in m and "trl_gkd" in m:
-                ours, trl = _rates(r, "switchkd_switch"), _rates(r, "trl_gkd")
-                ratios = {k: ours[k] / trl[k] for k in ours}
-                h[f"e2e_{pair}"]["switch_over_trl_by_rate"] = ratios
-                # Met only if it holds however the rate is taken (window, median step, fastest step).
-                targets["e2e_switch_over_trl_samples_per_s" + ("" if pair == "tiny" else f"_{pair}")] = min(ratios.values())
+            m, suffix = r["methods"], "" if pair == "tiny" else f"_{pair}"
+            if "switchkd_switch" not in m:
+                continue
+            ours = _rates(r, "switchkd_switch")
+            for peer in ("trl_gkd", "trl_distill"):
+                if peer in m:
+                    ratios = {k: ours[k] / v for k, v in _rates(r, peer).items()}
+                    h[f"e2e_{pair}"][f"switch_over_{peer}_by_rate"] = ratios
+                    # Met only if it holds however the rate is taken (window, median step, fastest step).
+                    targets[f"e2e_switch_over_{peer}{suffix}"] = min(ratios.values())
+            if peers := [m[p]["phases"]["training_tokens_per_s"] for p in ("trl_gkd", "trl_distill") if p in m]:
+                h[f"e2e_{pair}"]["trl_training_tokens_per_s"] = max(peers)
+                targets[f"e2e_training_over_trl{suffix}"] = m["switchkd_switch"]["phases"]["training_tokens_per_s"] / max(peers)
     checked = {}
     for key, value in targets.items():
         op, bound = TARGETS[key]
@@ -396,7 +409,10 @@ def _where(r: dict) -> str:
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
 HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 # Rollout runs made by hand (see BENCHMARKS.md) that the rollout table shows beside make bench's.
-ROLLOUT_EXTRAS = {"rollout_smollm2_warm": "smollm2, warmed-up student", "rollout_smollm2_32x128": "smollm2"}
+ROLLOUT_EXTRAS = {"rollout_smollm2_warm": "smollm2, warmed-up student", "rollout_smollm2_32x128": "smollm2",
+                  "rollout_qwen_coder": "qwen-coder"}
+# End-to-end runs made by hand (see BENCHMARKS.md), tabled after make bench's.
+E2E_EXTRAS = {"e2e_smollm2_bf16": "smollm2 pair", "e2e_smollm2_untrained": "smollm2 pair"}
 
 
 def _f(x, digits=3) -> str:
@@ -421,43 +437,56 @@ def render_tables(out: Path, summary: dict) -> str:
                 "redrawn with `--report-only` from the result files present (each records its machine, "
                 "configuration and load)."),
              "", "**Targets**:", ""]
-    how = {"e2e_switch_over_trl_samples_per_s": "tiny pair; the lowest of the window, median-step and "
-                                                 "fastest-step ratios",
-           "e2e_switch_over_trl_samples_per_s_smollm2": "SmolLM2 pair (bf16; both trainers in bf16); the lowest of "
-                                                        "the window, median-step and fastest-step ratios",
+    lowest = "the lowest of the window, median-step and fastest-step ratios"
+    training = "SWITCH's training-phase tokens/s over the faster TRL trainer's"
+    how = {"e2e_switch_over_trl_gkd": f"tiny pair, SWITCH vs TRL GKDTrainer; {lowest}",
+           "e2e_switch_over_trl_distill": f"tiny pair, SWITCH vs TRL DistillationTrainer; {lowest}",
+           "e2e_training_over_trl": f"tiny pair; {training}",
+           "e2e_switch_over_trl_gkd_smollm2": f"SmolLM2 pair, SWITCH vs TRL GKDTrainer; {lowest}",
+           "e2e_switch_over_trl_distill_smollm2": f"SmolLM2 pair, SWITCH vs TRL DistillationTrainer; {lowest}",
+           "e2e_training_over_trl_smollm2": f"SmolLM2 pair; {training}",
+           "trainer_zero0_over_plain_smollm2": "ZeRO-0 (the default), 1 worker, the SmolLM2 student; median of "
+                                               "per-round time ratios",
            "rollout_floor_over_lockstep_every_length": "scaling sweep, lockstep (the default mode); the worst "
                                                        "length, fastest calls",
            "trainer_zero1_over_plain": "ZeRO-1, 1 worker; median of per-round time ratios"}
     lines += _table(["target", "taken as", "required", "measured", "met"],
                     [[k, how.get(k, ""), t["required"], t["value"], {True: "yes", False: "**no**"}.get(t["met"], "-")]
                      for k, t in summary["targets"].items()])
-    for pair in ("tiny", "smollm2"):
-        r = load(out, f"e2e_{pair}")
+    for result, label in (("e2e_tiny", "tiny pair"), ("e2e_smollm2", "smollm2 pair"), *E2E_EXTRAS.items()):
+        r = load(out, result)
         if not r or not r["methods"]:
             continue
         c = r["config"]
-        lines += [f"**End to end, {pair} pair** ({c['steps']} updates of {c['batch_size']} prompts, max_new_tokens "
+        student = "warmed-up student" if c.get("student") and "warmup" in c["student"] else "prepared student"
+        label += f", {student}, {c['dtype']}" if c["models"] != "tiny" else ""
+        lines += [f"**End to end, {label}** ({c['steps']} updates of {c['batch_size']} prompts, max_new_tokens "
                   f"{c['max_new_tokens']}, {c['warmup_steps']} warm-up updates excluded; load average "
                   f"{r['machine']['load_avg_1m_at_start']:.1f} at start, {r['machine']['load_avg_1m_at_end']:.1f} "
                   "at end):", ""]
-        trl = r["methods"].get("trl_gkd")
         rows = []
-        order = ("switchkd_switch", "switchkd_gkd", "trl_gkd")
+        order = ("switchkd_switch", "switchkd_gkd", "trl_distill", "trl_gkd")
+
+        def over(name, peer, rates):
+            if peer not in r["methods"] or name == peer:
+                return "-"
+            return " / ".join(_f(a / b) for a, b in zip(rates.values(), _rates(r, peer).values()))
+
         for name, res in sorted(r["methods"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9):
             ph = res["phases"]
             rates = _rates(r, name)
             rows.append([name, rates["window"], rates["median_step"], rates["fastest_step"], res["tokens_per_s"],
-                         res["step_s"]["median_s"],
+                         res["tokens_per_s"] / res["samples_per_s"], res["step_s"]["median_s"],
                          f"{_f(res['step_s']['min_s'])} / {_f(res['step_s']['max_s'])}",
                          ph["generation_tokens_per_s"], ph["training_tokens_per_s"],
                          res.get("teacher_fraction", "-"), res.get("startup_s", "-"),
-                         " / ".join(_f(a / b) for a, b in zip(rates.values(), _rates(r, "trl_gkd").values()))
-                         if trl else "-",
+                         over(name, "trl_distill", rates), over(name, "trl_gkd", rates),
                          "{:.1f} / {:.1f}".format(*res["load_avg_1m"].values()) if "load_avg_1m" in res else "-"])
         lines += _table(["method", "samples/s (window)", "samples/s (median step)", "samples/s (fastest step)",
-                         "tokens/s (window)", "step s (median)", "step s (min / max)",
+                         "tokens/s (window)", "tokens per sample", "step s (median)", "step s (min / max)",
                          "generation tok/s", "training tok/s", "teacher fraction", "start-up s",
-                         "x TRL (window / median / fastest)",
+                         "x DistillationTrainer (window / median / fastest)",
+                         "x GKDTrainer (window / median / fastest)",
                          "load avg before / after"],
                         rows)
     rollouts = [(pair, r) for pair in ("tiny", "smollm2") if (r := load(out, f"rollout_{pair}"))]
@@ -576,12 +605,25 @@ def render_headline(summary: dict) -> str:
         return f"{t['required']}: {'met' if t['met'] else 'not met'}" if t and t["met"] is not None else "-"
 
     rows = []
-    for pair, label in (("smollm2", "SmolLM2-135M pair, bf16"), ("tiny", "tiny random pair")):
-        if (e := fig.get(f"e2e_{pair}")) and "switch_over_trl_by_rate" in e:
-            key = "e2e_switch_over_trl_samples_per_s" + ("" if pair == "tiny" else f"_{pair}")
-            rows.append([f"end to end, {label}: samples/s, SWITCH vs TRL GKDTrainer",
-                         e["switchkd_switch"]["samples_per_s"], e["trl_gkd"]["samples_per_s"],
-                         f"{_f(targets[key]['value'])}x (lowest of window, median and fastest step)", target(key)])
+    for pair, label in (("smollm2", "SmolLM2-135M pair"), ("tiny", "tiny random pair")):
+        if not (e := fig.get(f"e2e_{pair}")):
+            continue
+        suffix, label = "" if pair == "tiny" else f"_{pair}", f"{label}, {e.get('dtype', 'float32')}"
+        for peer, name in (("trl_distill", "DistillationTrainer"), ("trl_gkd", "GKDTrainer")):
+            if f"switch_over_{peer}_by_rate" in e:
+                key = f"e2e_switch_over_{peer}{suffix}"
+                rows.append([f"end to end, {label}: samples/s, SWITCH vs TRL {name}",
+                             e["switchkd_switch"]["samples_per_s"], e[peer]["samples_per_s"],
+                             f"{_f(targets[key]['value'])}x (lowest of window, median and fastest step)", target(key)])
+        if (key := f"e2e_training_over_trl{suffix}") in targets:
+            rows.append([f"training phase, {label}: tokens/s, SWITCH vs the faster TRL trainer",
+                         e["switchkd_switch"]["training_tokens_per_s"], e["trl_training_tokens_per_s"],
+                         f"{_f(targets[key]['value'])}x", target(key)])
+    if (tr := fig.get("trainer_smollm2")) and "deepspeed_zero0_workers1" in tr:
+        z0 = tr["deepspeed_zero0_workers1"]
+        rows.append(["trainer, SmolLM2 student: tokens/s, DeepSpeed ZeRO-0 (the default) vs a plain PyTorch loop",
+                     z0["tokens_per_s"], tr["plain_tokens_per_s"], f"{_f(z0['ratio_vs_plain'])}x",
+                     target("trainer_zero0_over_plain_smollm2")])
     if (tr := fig.get("trainer")) and "deepspeed_zero1_workers1" in tr:
         z1 = tr["deepspeed_zero1_workers1"]
         rows.append(["trainer: tokens/s, DeepSpeed ZeRO-1 vs a plain PyTorch loop", z1["tokens_per_s"],

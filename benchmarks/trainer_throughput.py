@@ -26,6 +26,7 @@ also split into phases (``phase_seconds``: collate, forward, loss, backward, opt
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -153,11 +154,11 @@ class PlainLoop:
                 first = first_trained_position(b.loss_mask)
                 logits = shifted_logits(self.model, b.input_ids, b.attention_mask, first)
                 lap("forward")
-                keep = b.loss_mask[:, first:]
-                div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=b.topk_ids[:, first:][keep],
-                                           teacher_topk_logprobs=b.topk_logprobs[:, first:][keep])
-                weights = owner_weights(b.owner[:, first:], keep, tc.student_token_weight,
-                                        tc.teacher_token_weight)[keep]
+                t = b.from_position(first)
+                keep = t.loss_mask
+                div = per_token_divergence(tc.loss, logits[keep], teacher_topk_ids=t.topk_ids[keep],
+                                           teacher_topk_logprobs=t.topk_logprobs[keep])
+                weights = owner_weights(t.owner, keep, tc.student_token_weight, tc.teacher_token_weight)[keep]
             micro = (div * weights).sum() / tokens
             lap("loss")
             micro.backward()
@@ -201,17 +202,13 @@ def _ds_step(trainer):
     return lambda table: trainer.train_step(table, checked=True)["seconds"]
 
 
-def _full_logits(model, input_ids, attention_mask, first):
-    """The output layer over every position, sliced afterwards: the step without logits_to_keep."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, first:-1]
-
-
 def _ds_step_full_logits(trainer):
     """A step of the in-process worker with the output layer over every position (the ablation)."""
     import switchkd.trainer.worker as worker
 
     def step(table):
-        kept, worker.shifted_logits = worker.shifted_logits, _full_logits
+        kept = worker.shifted_logits
+        worker.shifted_logits = functools.partial(kept, project_all=True)
         try:
             return trainer.train_step(table, checked=True)["seconds"]
         finally:

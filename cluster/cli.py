@@ -69,8 +69,11 @@ def _print_plan(args, cfg) -> None:
     print(f"loop: max_staleness {cfg.loop.max_staleness}; {cfg.trainer.batch_size} prompts per step; steps "
           f"{cfg.trainer.max_steps or f'{cfg.trainer.epochs} epoch(s) over {cfg.data.prompts}'}; weight sync "
           f"{cfg.sync.transport}; Ray {cfg.cluster.address or 'private, 127.0.0.1'}")
+    if problems and cfg.cluster.check_memory:
+        raise ClusterError(f"{args.config}: does not fit (cluster.check_memory=false starts it anyway): "
+                           + "; ".join(problems))
     if problems:
-        raise ClusterError(f"{args.config}: does not fit: " + "; ".join(problems))
+        print("warning: does not fit, cluster.check_memory=false: " + "; ".join(problems))
 
 
 def _train_config(args):

@@ -63,6 +63,7 @@ class ClusterConfig:
     engine_max_restarts: int = bounded(3, lo=0)     # an engine actor that dies is restarted this often
     engine_resource: Optional[str] = None   # custom Ray resource of the nodes that host the engines (`ray start --resources '{"NAME": 1}'`)
     trainer_resource: Optional[str] = None  # custom Ray resource of the nodes that host the trainer ranks
+    check_memory: bool = True   # refuse a run whose memory estimate does not fit (false: warn and start)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ the weights exist, for the exact parameter count), the dtypes and the config:
   micro-batch's activations (the full-vocabulary logits and their log-softmax dominate at these
   lengths), the teacher's weights when trainer.teacher_source=model, and the runtime;
 - the driver: the runtime of the process that runs the loop;
-- the weight sync's file on /dev/shm (sync.transport=shm without sync.dir): the student's weights
-  in the trainer's precision, which count against the machine's memory like a process's;
+- the weight sync (the student's weights in model.dtype, as the trainer sends them): with
+  sync.transport=collective the student engine holds the broadcast state until it has reloaded
+  from it; with shm (without sync.dir) the file on /dev/shm holds them, counted against the
+  machine's memory like a process;
 - Ray's own daemons (GCS, raylet, agents).
 
 On a private Ray the sum must fit under Ray's memory monitor, which kills workers once the
@@ -38,10 +40,14 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2}
 
 # Resident memory of a process beyond the weights, caches and optimizer state it holds: torch +
 # vLLM for an engine, torch + DeepSpeed + a Ray worker for a trainer rank, the loop's process for
-# the driver. Peaks measured on the CPU (benchmarks/memory.py; docs/cluster.md#memory): tiny-pair
-# engines 0.66-0.74 GiB beyond their KV cache, SmolLM2-pair engines 1.0-1.45 GiB (larger logits
-# and sampler buffers at a 49k vocabulary); trainer ranks 0.6 GiB; the driver 0.55 GiB.
-ENGINE_RUNTIME = int(1.0 * GIB)
+# the driver. Peaks measured on the CPU (benchmarks/memory.py; docs/cluster.md#memory). An
+# engine's grows with the vocabulary (vocabulary-wide logits, log-prob rows and sampler buffers
+# for up to max_num_seqs = 256 rows): beyond weights, KV cache and weight-sync buffer the engines
+# held 0.66-0.74 GiB at a 512-token vocabulary, 1.1-1.6 GiB at 49,152 (SmolLM2) and, after
+# decoding, 1.8-2.2 GiB at 151,936 (Qwen2.5); a line through the first and the last gives the
+# two constants below. Trainer ranks 0.6 GiB; the driver 0.55-0.7 GiB.
+ENGINE_RUNTIME_BASE = int(0.7 * GIB)
+ENGINE_RUNTIME_PER_VOCAB = 10_600        # bytes per vocabulary entry
 TRAINER_RUNTIME = int(0.6 * GIB)
 DRIVER_RUNTIME = int(0.6 * GIB)
 # GCS, raylet, dashboard and runtime-env agents, log monitor: 0.45 GiB resident together, measured.
@@ -115,12 +121,17 @@ def _gib(size: float) -> str:
     return f"{size / GIB:.2f} GiB"
 
 
+def engine_runtime(vocab: int) -> int:
+    """Bytes a CPU engine process holds beyond its weights and KV cache, at this vocabulary size."""
+    return ENGINE_RUNTIME_BASE + ENGINE_RUNTIME_PER_VOCAB * vocab
+
+
 def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: int | None) -> RoleMemory:
     """One vLLM engine (rollout.teacher / rollout.student): per process on the CPU, per GPU on cuda."""
     weights = shape.params * DTYPE_BYTES[dtype] // engine.tensor_parallel_size
     if engine.device == "cpu":
         return RoleMemory(role, "cpu", {"weights": weights, "kv_cache": int(engine.kv_cache_space_gb * GIB),
-                                        "runtime": ENGINE_RUNTIME})
+                                        "runtime": engine_runtime(shape.vocab)})
     reserved = int(engine.gpu_memory_utilization * gpu_bytes) if gpu_bytes else None
     kv_cache = max(0, reserved - weights - ENGINE_RUNTIME_GPU) if reserved else 0
     key = "rollout.teacher" if role.startswith("teacher") else "rollout.student"
@@ -176,14 +187,18 @@ def estimate_memory(cfg, plan, tokens_per_row: int | None = None, gpu_bytes: int
             shape = teacher if bundle.role == TEACHER else student
             engine = cfg.rollout.teacher if bundle.role == TEACHER else cfg.rollout.student
             if shape is not None:
-                out.append(engine_memory(bundle.role, shape, engine, cfg.model.dtype, gpu_bytes))
+                role = engine_memory(bundle.role, shape, engine, cfg.model.dtype, gpu_bytes)
+                if bundle.role == STUDENT and cfg.sync.transport == "collective" and role.device == "cpu":
+                    # the broadcast state, held whole until the engine reloads from it (on a GPU it
+                    # lies outside gpu_memory_utilization's share, which the plan checks per GPU)
+                    role.parts["sync buffer"] = shape.params * DTYPE_BYTES[cfg.model.dtype]
+                out.append(role)
         elif student is not None:
             out.append(trainer_memory(bundle.role, student, teacher, cfg, plan.trainer_device, tokens_per_row,
                                       gpu_bytes))
     out.append(RoleMemory("driver", "cpu", {"runtime": DRIVER_RUNTIME}))
     if cfg.sync.transport == "shm" and cfg.sync.dir is None and student is not None:
-        weights = student.params * DTYPE_BYTES[trainer_precision(cfg.trainer, plan.trainer_device)]
-        out.append(RoleMemory("weight sync", "cpu", {"/dev/shm file": weights}))
+        out.append(RoleMemory("weight sync", "cpu", {"/dev/shm file": student.params * DTYPE_BYTES[cfg.model.dtype]}))
     out.append(RoleMemory("Ray daemons", "cpu", {"runtime": RAY_DAEMONS}))
     return out
 

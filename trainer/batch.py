@@ -15,6 +15,7 @@ over the rows that have a reference, with the same shift: ref_mask marks referen
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -39,6 +40,12 @@ class TokenBatch:
 
     def to(self, device) -> "TokenBatch":
         return TokenBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+    def from_position(self, first: int) -> "TokenBatch":
+        """The per-position targets (loss mask, owner, teacher top-k) from shifted position
+        ``first`` on, aligned with ``shifted_logits(..., first)``; the model inputs stay whole."""
+        return dataclasses.replace(self, loss_mask=self.loss_mask[:, first:], owner=self.owner[:, first:],
+                                   topk_ids=self.topk_ids[:, first:], topk_logprobs=self.topk_logprobs[:, first:])
 
 
 def check_rows(table: pa.Table, source: str, vocab_size: int, max_len: int) -> tuple[pa.Table, int]:
@@ -182,13 +189,14 @@ def first_trained_position(*masks: torch.Tensor | None) -> int:
     return min(columns, default=0)
 
 
-def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> torch.Tensor:
+def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int,
+                   project_all: bool = False) -> torch.Tensor:
     """Logits [B, L-1-first, V] at shifted positions first .. L-2 (position t predicts
     input_ids[:, t + 1]). A model that takes HF's ``logits_to_keep`` (a DeepSpeed engine: its
     module) runs its output layer at those positions only, so the prompt before ``first`` costs no
-    projection onto the vocabulary."""
+    projection onto the vocabulary; ``project_all`` projects every position and slices after."""
     forward = getattr(model, "module", model).forward
-    if "logits_to_keep" not in inspect.signature(forward).parameters:
+    if project_all or "logits_to_keep" not in inspect.signature(forward).parameters:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, first:-1]
     positions = torch.arange(first, input_ids.shape[1] - 1, device=input_ids.device)
     return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits

@@ -145,14 +145,14 @@ class TrainWorker:
         all_logits = shifted_logits(self.engine, input_ids, attention, first)
         n, length = b.input_ids.shape
         logits = all_logits[:n, :length - 1 - first]
-        keep, owner = b.loss_mask[:, first:], b.owner[:, first:]
+        t = b.from_position(first)
+        keep, owner = t.loss_mask, t.owner
         if self.teacher is not None:
             with torch.no_grad():
                 t_logits = shifted_logits(self.teacher, b.input_ids, b.attention_mask, first)
             teacher = {"teacher_logits": t_logits[keep]}
         else:
-            teacher = {"teacher_topk_ids": b.topk_ids[:, first:][keep],
-                       "teacher_topk_logprobs": b.topk_logprobs[:, first:][keep]}
+            teacher = {"teacher_topk_ids": t.topk_ids[keep], "teacher_topk_logprobs": t.topk_logprobs[keep]}
         div = per_token_divergence(self.tc.loss, logits[keep], **teacher, **self.tc.loss_params())
         weights = owner_weights(owner, keep, self.tc.student_token_weight, self.tc.teacher_token_weight)[keep]
         # DeepSpeed averages gradients over ranks; multiplying by world makes the result the

@@ -33,6 +33,8 @@ def test_run_quick_writes_every_result_and_plot(tmp_path):
         assert method["phases"]["generation_tokens_per_s"] > 0 and method["phases"]["training_tokens_per_s"] > 0
     assert e2e["ratios"]["switchkd_switch_over_trl"]["samples_per_s"] > 0
     assert e2e["ratios"]["switchkd_switch_over_trl_distill"]["samples_per_s"] > 0
+    assert set(e2e["targets"]) == {"switch_over_trl_gkd", "switch_over_trl_distill", "training_over_trl"}
+    assert all(t["value"] > 0 for t in e2e["targets"].values())
     distill = e2e["methods"]["trl_distill"]   # TRL's DistillationTrainer on its colocated vLLM engine
     assert distill["config"]["generation"] == "vllm" and distill["machine"]["versions"]["vllm"]
     assert distill["phases"]["sync_s"] > 0 and distill["phases"]["teacher_forward_s"] > 0
@@ -56,8 +58,8 @@ def test_run_quick_writes_every_result_and_plot(tmp_path):
     trainer = json.loads((out / "scaling_trainer.json").read_text())
     assert all(row["plain"]["tokens_per_s"] > 0 and row["ratio_vs_plain"] > 0 for row in trainer["lengths"])
 
-    assert set(summary["targets"]) == {"e2e_switch_over_trl_samples_per_s", "rollout_floor_over_lockstep_every_length",
-                                       "trainer_zero1_over_plain"}
+    assert set(summary["targets"]) == {"e2e_switch_over_trl_gkd", "e2e_switch_over_trl_distill", "e2e_training_over_trl",
+                                       "rollout_floor_over_lockstep_every_length", "trainer_zero1_over_plain"}
     assert all(t["met"] is None for t in summary["targets"].values())   # --quick checks no target
     assert summary["targets"]["rollout_floor_over_lockstep_every_length"]["value"] > 0
     for plot in PLOTS:
