@@ -56,7 +56,10 @@ def run_and_sample(cmd: list[str], interval: float = 0.2) -> tuple[dict[str, int
     (the highest process of a role when several hold it), what the roles held at once: the peak
     of their anonymous memory summed at each sample and the peak growth of the machine's used
     memory (total - available) over its level before the run)."""
-    used = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available  # noqa: E731
+    def used() -> int:
+        memory = psutil.virtual_memory()
+        return memory.total - memory.available
+
     before = used()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root, peaks, together = psutil.Process(proc.pid), {}, {"anonymous_sum": 0, "machine_used_growth": 0}
