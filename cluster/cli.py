@@ -58,8 +58,8 @@ def _cmd_train_offline(args) -> None:
 
 def _print_plan(args, cfg) -> None:
     """The placement plan and the memory estimate; ClusterError when the estimate does not fit."""
-    from switchkd.cluster.memory import describe_memory, plan_memory
-    from switchkd.cluster.placement import ClusterError, plan_placement
+    from switchkd.cluster.memory import describe_memory, plan_memory, refuse_or_warn
+    from switchkd.cluster.placement import plan_placement
 
     plan = plan_placement(cfg)
     roles, problems = plan_memory(cfg, plan)
@@ -69,11 +69,8 @@ def _print_plan(args, cfg) -> None:
     print(f"loop: max_staleness {cfg.loop.max_staleness}; {cfg.trainer.batch_size} prompts per step; steps "
           f"{cfg.trainer.max_steps or f'{cfg.trainer.epochs} epoch(s) over {cfg.data.prompts}'}; weight sync "
           f"{cfg.sync.transport}; Ray {cfg.cluster.address or 'private, 127.0.0.1'}")
-    if problems and cfg.cluster.check_memory:
-        raise ClusterError(f"{args.config}: does not fit (cluster.check_memory=false starts it anyway): "
-                           + "; ".join(problems))
-    if problems:
-        print("warning: does not fit, cluster.check_memory=false: " + "; ".join(problems))
+    if warning := refuse_or_warn(problems, cfg.cluster.check_memory, args.config):
+        print(f"warning: {warning}")
 
 
 def _train_config(args):

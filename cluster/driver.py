@@ -36,7 +36,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from switchkd.cluster.config import ConfigError
-from switchkd.cluster.memory import memory_killed_error, plan_memory
+from switchkd.cluster.memory import memory_killed_error, plan_memory, refuse_or_warn
 from switchkd.cluster.placement import (STUDENT, TEACHER, TRAINER, ClusterError, bundle_nodes, lost_nodes,
                                         node_lost_error, placement_group_for, plan_placement, ray_session,
                                         record_placement, uses_private_ray)
@@ -173,13 +173,8 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
                           f"set rollout.engine=vllm")
     latest = checkpoint.checkpoint_to_resume(tc.output_dir, resume)
     plan = plan_placement(cfg)
-    _, too_big = plan_memory(cfg, plan)
-    if too_big and cfg.cluster.check_memory:
-        raise ClusterError("the run does not fit (switchkd plan shows the estimate; cluster.check_memory=false "
-                           "starts it anyway): " + "; ".join(too_big))
-    if too_big:
-        log.warning("the memory estimate does not fit, starting anyway (cluster.check_memory=false): %s",
-                    "; ".join(too_big))
+    if warning := refuse_or_warn(plan_memory(cfg, plan)[1], cfg.cluster.check_memory, "the run"):
+        log.warning(warning)
     check_pair(cfg.model.teacher, cfg.model.student, "vllm", cfg.rollout.student.device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.teacher)
     prompts, skipped = load_prompts(cfg.data, tokenizer, cfg.rollout.seed)
@@ -190,7 +185,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     backend = "nccl" if plan.trainer_device == "cuda" and cfg.rollout.student.device == "cuda" else "gloo"
     with ExitStack() as stack:
-        stack.enter_context(ray_session(cfg.cluster, plan))
+        private_ray = stack.enter_context(ray_session(cfg.cluster, plan))
         interrupt = stack.enter_context(Interrupt())   # after ray.init, whose SIGTERM handler aborts
         pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
         placed = record_placement(pg, plan, tc.output_dir)
@@ -201,8 +196,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         engines = start_engines(cfg.model, cfg.rollout, placement={
             key: plan.strategy_for(pg, role) for key, role in (("teacher", TEACHER), ("student", STUDENT))
             if plan.has(role)}, max_restarts=cfg.cluster.engine_max_restarts)
-        for handle in engines:
-            stack.callback(_shutdown_quietly, handle)
+        stack.callback(_stop_engines, engines, lambda: private_ray and interrupt.received is not None)
         root = stack.enter_context(sync_root(cfg.sync))
         trainer = stack.enter_context(Trainer(cfg, total, resume_from=latest, placement=(pg, plan.index(TRAINER))))
         if latest is not None and {k: trainer.data_state.get(k) for k in data_state} != data_state:
@@ -213,7 +207,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         source = RolloutSource(build_generator(cfg.model, cfg.rollout, eos, engines=engines), prompts,
                                tc.batch_size, tc.seed, cfg.rollout.seed, rollouts_dir,
                                student_version=lambda: engines[1].call("version"),
-                               recover=lambda: _recover_engines(engines, sync, cfg, pg, plan, placed),
+                               recover=lambda: _recover_engines(engines, sync, cfg, pg, plan, placed, interrupt),
                                max_restarts=cfg.cluster.engine_max_restarts)
         try:
             result = _loop(cfg, trainer, sync, source, total, data_state, progress, interrupt)
@@ -300,14 +294,19 @@ def _timed(fn, *args, **kwargs) -> tuple[object, tuple[float, float]]:
     return result, (start, time.perf_counter())
 
 
-def _recover_engines(engines, sync, cfg, pg, plan, placed: dict) -> int:
+def _recover_engines(engines, sync, cfg, pg, plan, placed: dict, interrupt: Interrupt) -> int:
     """After an engine died: wait until Ray has placed the group again (an engine whose node was
     lost restarts on another node with capacity), wait for the restarted actors, give the student
     engine back the weights it served (a restarted one serves its initial weights) and return its
-    version. ``placed`` is updated to where the roles are now."""
-    if not pg.wait(timeout_seconds=cfg.cluster.placement_timeout_s):
-        raise ClusterError(f"Ray could not place the engines again within cluster.placement_timeout_s="
-                           f"{cfg.cluster.placement_timeout_s:g} s")
+    version. ``placed`` is updated to where the roles are now. A run that is stopping (a signal,
+    which may also have been what stopped the engine) does not recover."""
+    deadline = time.monotonic() + cfg.cluster.placement_timeout_s
+    while not pg.wait(timeout_seconds=1):
+        interrupt.check()
+        if time.monotonic() > deadline:
+            raise ClusterError(f"Ray could not place the engines again within cluster.placement_timeout_s="
+                               f"{cfg.cluster.placement_timeout_s:g} s")
+    interrupt.check()
     for handle in engines:
         if handle.actor is not None:
             handle.wait_until_ready(cfg.sync.timeout_s)
@@ -332,9 +331,16 @@ def _check_same_node(pg, plan) -> None:
                            f"cluster.placement_strategy=STRICT_PACK")
 
 
-def _shutdown_quietly(handle) -> None:
-    """Stop an engine during cleanup; a failure here is logged, never masks the run's own error."""
-    try:
-        handle.shutdown()
-    except Exception as e:  # noqa: BLE001 - cleanup of a possibly dead actor
-        log.warning("engine shutdown failed: %s", e)
+def _stop_engines(engines, ray_stops_them) -> None:
+    """Stop the engines during cleanup; a failure is logged, never masks the run's own error.
+    After a signal, the private Ray's shutdown (next) stops them instead: the signal may have
+    reached its daemons too (`kill -TERM -PGID`, a scheduler), an engine actor would be waiting
+    for a restart that never comes, and a driver whose calls wait on a Ray gone for a minute is
+    ended by Ray (exit status 1) before it can report the signal."""
+    if ray_stops_them():
+        return
+    for handle in reversed(engines):
+        try:
+            handle.shutdown()
+        except Exception as e:  # noqa: BLE001 - cleanup of a possibly dead actor
+            log.warning("engine shutdown failed: %s", e)

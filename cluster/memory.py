@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from switchkd.cluster.placement import STUDENT, TEACHER, uses_private_ray
+from switchkd.cluster.placement import STUDENT, TEACHER, ClusterError, uses_private_ray
 from switchkd.rollout.models.checks import safetensors_header
 
 GIB = 1024 ** 3
@@ -126,12 +126,19 @@ def engine_runtime(vocab: int) -> int:
     return ENGINE_RUNTIME_BASE + ENGINE_RUNTIME_PER_VOCAB * vocab
 
 
-def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: int | None) -> RoleMemory:
-    """One vLLM engine (rollout.teacher / rollout.student): per process on the CPU, per GPU on cuda."""
+def engine_memory(role: str, shape: ModelShape, engine, dtype: str, gpu_bytes: int | None,
+                  receives_broadcast: bool = False) -> RoleMemory:
+    """One vLLM engine (rollout.teacher / rollout.student): per process on the CPU, per GPU on cuda.
+    ``receives_broadcast``: the student engine under sync.transport=collective, which holds the
+    broadcast state whole until it reloads from it (on a GPU that lies outside
+    gpu_memory_utilization's share, which the plan checks per GPU)."""
     weights = shape.params * DTYPE_BYTES[dtype] // engine.tensor_parallel_size
     if engine.device == "cpu":
-        return RoleMemory(role, "cpu", {"weights": weights, "kv_cache": int(engine.kv_cache_space_gb * GIB),
-                                        "runtime": engine_runtime(shape.vocab)})
+        parts = {"weights": weights, "kv_cache": int(engine.kv_cache_space_gb * GIB),
+                 "runtime": engine_runtime(shape.vocab)}
+        if receives_broadcast:
+            parts["sync buffer"] = shape.params * DTYPE_BYTES[dtype]
+        return RoleMemory(role, "cpu", parts)
     reserved = int(engine.gpu_memory_utilization * gpu_bytes) if gpu_bytes else None
     kv_cache = max(0, reserved - weights - ENGINE_RUNTIME_GPU) if reserved else 0
     key = "rollout.teacher" if role.startswith("teacher") else "rollout.student"
@@ -187,12 +194,8 @@ def estimate_memory(cfg, plan, tokens_per_row: int | None = None, gpu_bytes: int
             shape = teacher if bundle.role == TEACHER else student
             engine = cfg.rollout.teacher if bundle.role == TEACHER else cfg.rollout.student
             if shape is not None:
-                role = engine_memory(bundle.role, shape, engine, cfg.model.dtype, gpu_bytes)
-                if bundle.role == STUDENT and cfg.sync.transport == "collective" and role.device == "cpu":
-                    # the broadcast state, held whole until the engine reloads from it (on a GPU it
-                    # lies outside gpu_memory_utilization's share, which the plan checks per GPU)
-                    role.parts["sync buffer"] = shape.params * DTYPE_BYTES[cfg.model.dtype]
-                out.append(role)
+                out.append(engine_memory(bundle.role, shape, engine, cfg.model.dtype, gpu_bytes,
+                                         bundle.role == STUDENT and cfg.sync.transport == "collective"))
         elif student is not None:
             out.append(trainer_memory(bundle.role, student, teacher, cfg, plan.trainer_device, tokens_per_row,
                                       gpu_bytes))
@@ -272,6 +275,17 @@ def plan_memory(cfg, plan) -> tuple[list[RoleMemory], list[str]]:
     roles = estimate_memory(cfg, plan, gpu_bytes=gpu_memory() if uses_gpu else None)
     return roles, check_fits(roles, host_memory(), uses_private_ray(cfg.cluster), ray_memory_threshold(),
                              host_memory_in_use())
+
+
+def refuse_or_warn(problems: list[str], check: bool, subject: str) -> str | None:
+    """Raise ClusterError naming ``subject`` when the estimate does not fit and cluster.check_memory
+    is on; with it off, the warning to show instead (None when it fits)."""
+    if not problems:
+        return None
+    if check:
+        raise ClusterError(f"{subject}: does not fit (cluster.check_memory=false starts it anyway; "
+                           f"`switchkd plan` shows the estimate): " + "; ".join(problems))
+    return "does not fit, cluster.check_memory=false starts it anyway: " + "; ".join(problems)
 
 
 def describe_memory(roles: list[RoleMemory]) -> str:

@@ -136,11 +136,12 @@ def plan_placement(cfg) -> PlacementPlan:
 def ray_session(cluster, plan: PlacementPlan):
     """Ray for the run: join cluster.address (or the cluster a `ray job submit` runs in), else start
     a private one bound to 127.0.0.1 with no dashboard, sized to at least what the plan needs.
-    A session this function started is shut down on exit, whatever the exit."""
+    Yields whether it started a private one. A session this function started or joined is shut
+    down (left) on exit, whatever the exit; a private one's processes all stop with it."""
     import ray
 
     if ray.is_initialized():  # the caller's session (tests, notebooks): theirs to stop
-        yield
+        yield False
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     try:
@@ -153,7 +154,7 @@ def ray_session(cluster, plan: PlacementPlan):
     except ConnectionError as e:
         raise ClusterError(f"cluster.address={address}: cannot connect to Ray ({e})") from None
     try:
-        yield
+        yield not address
     finally:
         ray.shutdown()
 

@@ -11,8 +11,9 @@ import pytest
 from switchkd.cluster.config import load_config
 from switchkd.cluster.memory import (ENGINE_RUNTIME_GPU, GIB, TRAINER_RUNTIME, ModelShape,
                                      _params_from_config, check_fits, engine_memory, engine_runtime, estimate_memory, model_shape,
-                                     memory_killed_error, ray_memory_threshold, RoleMemory, trainer_memory)
-from switchkd.cluster.placement import plan_placement
+                                     memory_killed_error, ray_memory_threshold, refuse_or_warn, RoleMemory,
+                                     trainer_memory)
+from switchkd.cluster.placement import ClusterError, plan_placement
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = ModelShape(params=1_000_000, layers=2, hidden=128, kv_heads=2, head_dim=64, vocab=512)
@@ -168,10 +169,19 @@ def test_plan_prints_the_memory_and_refuses_what_cannot_fit(tiny_models):
     assert "teacher engine   cpu" in res.stdout and "kv_cache 1.00 GiB" in res.stdout
     res = _plan(*models, "rollout.student.kv_cache_space_gb=100000")
     assert res.returncode == 2
-    assert "does not fit (cluster.check_memory=false starts it anyway): the CPU roles need" in res.stderr
+    assert ("does not fit (cluster.check_memory=false starts it anyway; `switchkd plan` shows the estimate): "
+            "the CPU roles need") in res.stderr
     assert "the largest is the student engine" in res.stderr and "Traceback" not in res.stderr
     res = _plan(*models, "rollout.student.kv_cache_space_gb=100000", "cluster.check_memory=false")
-    assert res.returncode == 0 and "warning: does not fit, cluster.check_memory=false: the CPU roles need" in res.stdout
+    assert res.returncode == 0
+    assert "warning: does not fit, cluster.check_memory=false starts it anyway: the CPU roles need" in res.stdout
+
+
+def test_a_plan_that_does_not_fit_is_refused_unless_check_memory_is_off():
+    assert refuse_or_warn([], True, "run.yaml") is None
+    with pytest.raises(ClusterError, match=r"^run.yaml: does not fit .*: the CPU roles need 9 GiB; GPU 0$"):
+        refuse_or_warn(["the CPU roles need 9 GiB", "GPU 0"], True, "run.yaml")
+    assert refuse_or_warn(["GPU 0"], False, "run.yaml") == "does not fit, cluster.check_memory=false starts it anyway: GPU 0"
 
 
 def test_a_worker_killed_by_rays_memory_monitor_is_one_line(monkeypatch):
