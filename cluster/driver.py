@@ -30,6 +30,7 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -196,7 +197,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
         engines = start_engines(cfg.model, cfg.rollout, placement={
             key: plan.strategy_for(pg, role) for key, role in (("teacher", TEACHER), ("student", STUDENT))
             if plan.has(role)}, max_restarts=cfg.cluster.engine_max_restarts)
-        stack.callback(_stop_engines, engines, lambda: private_ray and interrupt.received is not None)
+        stack.push(partial(_stop_engines, engines, private_ray))
         root = stack.enter_context(sync_root(cfg.sync))
         trainer = stack.enter_context(Trainer(cfg, total, resume_from=latest, placement=(pg, plan.index(TRAINER))))
         if latest is not None and {k: trainer.data_state.get(k) for k in data_state} != data_state:
@@ -331,16 +332,17 @@ def _check_same_node(pg, plan) -> None:
                            f"cluster.placement_strategy=STRICT_PACK")
 
 
-def _stop_engines(engines, ray_stops_them) -> None:
-    """Stop the engines during cleanup; a failure is logged, never masks the run's own error.
-    After a signal, the private Ray's shutdown (next) stops them instead: the signal may have
-    reached its daemons too (`kill -TERM -PGID`, a scheduler), an engine actor would be waiting
-    for a restart that never comes, and a driver whose calls wait on a Ray gone for a minute is
-    ended by Ray (exit status 1) before it can report the signal."""
-    if ray_stops_them():
-        return
+def _stop_engines(engines, private_ray: bool, exc_type, exc, tb) -> bool:
+    """Stop the engines as the run's context exits; a failure is logged, never masks the run's own
+    error. A run on its private Ray that fails or is stopped leaves them to Ray's shutdown, next:
+    what stopped it may have reached Ray's daemons too (`kill -TERM -PGID`, a scheduler, the OOM
+    killer), an engine actor may be waiting for a restart that never comes, and Ray ends a driver
+    whose GCS is gone for a minute (exit status 1) before the run can report why it stopped."""
+    if exc_type is not None and private_ray:
+        return False
     for handle in reversed(engines):
         try:
             handle.shutdown()
         except Exception as e:  # noqa: BLE001 - cleanup of a possibly dead actor
             log.warning("engine shutdown failed: %s", e)
+    return False
