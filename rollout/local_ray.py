@@ -3,6 +3,7 @@ loop, multi-worker train-offline, Ray-actor engines), torch.distributed rendezvo
 (the trainer's process group, the collective weight-sync group) and the free ports they take."""
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from datetime import timedelta
@@ -23,7 +24,13 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     ``_node_ip_address="127.0.0.1"`` into the machine's routable IP (and then its GCS, raylet,
     workers and agents listen on all interfaces or on that IP) unless its cluster mode is off:
     off for the start, the node IP stays 127.0.0.1 and every listener binds there
-    (tests/cluster/test_security.py checks the sockets)."""
+    (tests/cluster/test_security.py checks the sockets).
+
+    A private Ray's daemons start in process groups of their own (their workers join the raylet's):
+    a signal to the caller's process group (`kill -TERM -PGID`, a scheduler) reaches the caller
+    alone, which then stops Ray in order. Had it reached the daemons too, Ray would end the caller
+    (exit status 1, nothing on stderr) as soon as its raylet was gone, before it could clean up.
+    They still die with the caller (Ray's kernel fate-sharing)."""
     import ray
     from ray._private import ray_constants
 
@@ -37,9 +44,13 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     saved_env, saved_flag = os.environ.get(_RAY_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_RAY_LOOPBACK_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # Ray's processes inherit the env
+    services, popen = ray._private.services, ray._private.services.ConsolePopen
+    if ray._private.utils.detect_fate_sharing_support():   # as Ray itself does on Windows
+        services.ConsolePopen = functools.partial(popen, process_group=0)
     try:
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     finally:
+        services.ConsolePopen = popen
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(_RAY_LOOPBACK_ENV, None)

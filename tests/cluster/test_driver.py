@@ -351,13 +351,18 @@ def test_a_signal_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machi
 
 
 def test_sigterm_to_the_whole_process_group_stops_the_run_and_cleans_up(tiny_models, tmp_path, clean_machine):
-    """As a job scheduler or `kill -TERM -PGID` does: the private Ray's daemons get the signal too."""
+    """As `kill -TERM -PGID` does. The private Ray's daemons are in groups of their own, so the
+    signal reaches the driver alone (had it reached the raylet, Ray would end the driver with
+    exit status 1 before it cleaned up)."""
     proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     while not (metrics.is_file() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.5)
+    daemons = [int(pid) for pid in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "raylet|gcs_server"],
+                                                  capture_output=True, text=True).stdout.split()]
+    assert daemons and all(os.getpgid(pid) != proc.pid for pid in daemons)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 143, err[-3000:]
