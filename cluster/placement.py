@@ -176,9 +176,9 @@ def placement_group_for(plan: PlacementPlan, cluster):
                                f"has {ray.cluster_resources()}") from None
         yield pg
     finally:
-        # A private Ray goes down whole right after (ray_session), and may already be going: a
-        # SIGTERM to the run's process group also stops its GCS, and removing the group would
-        # then wait for it forever.
+        # A private Ray goes down whole right after (ray_session), and may already be going (its
+        # daemons killed by something else, e.g. the OOM killer): removing the group would then
+        # wait for its GCS forever.
         if not uses_private_ray(cluster):
             remove_placement_group(pg)
 
