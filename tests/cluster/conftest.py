@@ -25,7 +25,8 @@ class LocalCluster:
         self.log_dir = log_dir
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
         self.env.pop("RAY_ADDRESS", None)   # Ray 2.60 needs RAY_AUTH_MODE=disabled without a token
-        self.gcs, dashboard = free_port(), free_port()
+        self._taken: set[int] = set()
+        self.gcs, dashboard = self._port(), self._port()
         self.address = f"http://127.0.0.1:{dashboard}"
         self._head = ["--head", "--port", self.gcs, "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
                       "--include-dashboard", "true"]
@@ -36,7 +37,7 @@ class LocalCluster:
         i = len(self.nodes)
         role = self._head if i == 0 else ["--address", f"127.0.0.1:{self.gcs}"]
         args = [*role, "--num-cpus", cpus, "--resources", json.dumps(resources or {}), "--node-ip-address",
-                "127.0.0.1", "--block", "--disable-usage-stats", *_node_ports(20000 + 1000 * i)]
+                "127.0.0.1", "--block", "--disable-usage-stats", *self._node_ports(20000 + 1000 * i)]
         with open(self.log_dir / f"ray-node-{i}.log", "w") as log:
             self.nodes.append(subprocess.Popen([str(BIN / "ray"), "start", *map(str, args)], env=self.env,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -51,6 +52,21 @@ class LocalCluster:
                 pass
             time.sleep(1)
         raise AssertionError(f"Ray node {i} did not come up within 180 s")
+
+    def _port(self) -> int:
+        """A free port none of this cluster's nodes was given yet: the head's ports are only bound once
+        `ray start` runs, so the OS may offer one of them again, and Ray refuses a port given twice."""
+        while (port := free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
+
+    def _node_ports(self, first_worker_port: int) -> list:
+        """Every port a raylet and its agents open, apart for each node, so nodes share one host."""
+        return ["--node-manager-port", self._port(), "--object-manager-port", self._port(),
+                "--dashboard-agent-listen-port", self._port(), "--dashboard-agent-grpc-port", self._port(),
+                "--runtime-env-agent-port", self._port(), "--metrics-export-port", self._port(),
+                "--min-worker-port", first_worker_port, "--max-worker-port", first_worker_port + 999]
 
     def alive_nodes(self) -> dict[str, dict]:
         """{node id: its total resources} of the nodes Ray counts alive."""
@@ -106,14 +122,6 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             _kill_tree(node.pid)
-
-
-def _node_ports(first_worker_port: int) -> list:
-    """Every port a raylet and its agents open, apart for each node, so nodes share one host."""
-    return ["--node-manager-port", free_port(), "--object-manager-port", free_port(),
-            "--dashboard-agent-listen-port", free_port(), "--dashboard-agent-grpc-port", free_port(),
-            "--runtime-env-agent-port", free_port(), "--metrics-export-port", free_port(),
-            "--min-worker-port", first_worker_port, "--max-worker-port", first_worker_port + 999]
 
 
 def _kill_tree(pid: int) -> None:
