@@ -188,7 +188,7 @@ def train(cfg, resume: bool = False, progress: bool = True) -> dict:
     with ExitStack() as stack:
         private_ray = stack.enter_context(ray_session(cfg.cluster, plan))
         interrupt = stack.enter_context(Interrupt())   # after ray.init, whose SIGTERM handler aborts
-        pg = stack.enter_context(placement_group_for(plan, cfg.cluster))
+        pg = stack.enter_context(placement_group_for(plan, cfg.cluster, private_ray))
         placed = record_placement(pg, plan, tc.output_dir)
         log.info("placement: %s", "; ".join(f"{role} on node {p['node_id'][:8]} ({p['node_ip']})"
                                              for role, p in placed.items()))

@@ -3,7 +3,7 @@ the trainer workers, built from the config's resources.
 
     plan = plan_placement(cfg)          # pure: no Ray, used by --dry-run too
     print(plan.describe())
-    with ray_session(cfg.cluster, plan), placement_group_for(plan, cfg.cluster) as pg:
+    with ray_session(cfg.cluster, plan) as private, placement_group_for(plan, cfg.cluster, private) as pg:
         strategy = plan.strategy_for(pg, "student engine")
 
 Bundle i of the group hosts exactly one actor, with the resources it asks for. A teacher behind
@@ -79,7 +79,8 @@ NODE_RESOURCE_SHARE = 0.01   # what a bundle asks of a node-pinning custom resou
 
 
 def uses_private_ray(cluster) -> bool:
-    """The run starts its own single-node Ray: no cluster.address and not inside a `ray job submit`."""
+    """No cluster to join (no cluster.address, not inside a `ray job submit`): the run's Ray is this
+    host alone, the private one ray_session starts (or a session the caller already runs)."""
     return cluster.address is None and not os.environ.get("RAY_ADDRESS")
 
 
@@ -160,9 +161,10 @@ def ray_session(cluster, plan: PlacementPlan):
 
 
 @contextmanager
-def placement_group_for(plan: PlacementPlan, cluster):
+def placement_group_for(plan: PlacementPlan, cluster, private_ray: bool):
     """Reserve the plan's bundles (ClusterError if Ray cannot within cluster.placement_timeout_s);
-    the group is removed on exit, which also frees every actor placed in it."""
+    the group is removed on exit, which also frees every actor placed in it, unless ``private_ray``
+    (ray_session started a Ray for this run alone, which goes down whole right after)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -176,10 +178,9 @@ def placement_group_for(plan: PlacementPlan, cluster):
                                f"has {ray.cluster_resources()}") from None
         yield pg
     finally:
-        # A private Ray goes down whole right after (ray_session), and may already be going (its
-        # daemons killed by something else, e.g. the OOM killer): removing the group would then
-        # wait for its GCS forever.
-        if not uses_private_ray(cluster):
+        # A private Ray may already be going (its daemons killed by something else, e.g. the OOM
+        # killer): removing the group would then wait for its GCS forever.
+        if not private_ray:
             remove_placement_group(pg)
 
 
