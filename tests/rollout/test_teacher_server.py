@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -248,7 +249,6 @@ def test_the_endpoint_refuses_requests_without_its_logits_processor():
     """The server side: without ROWS_LOGITS_PROCESSOR the engine core has neither SWITCH's sampler
     nor the numpy rows, so the endpoint describes no row kinds and answers 400 with the reason."""
     import asyncio
-    from types import SimpleNamespace
 
     from switchkd.rollout.engines.teacher_launcher import ROWS_LOGITS_PROCESSOR
     from switchkd.rollout.engines.teacher_plugin import RowsEndpoint
@@ -314,10 +314,9 @@ def test_slow_answers_time_out():
     with FakeServer(default="slow", delay=1.5) as fake:
         t = client(fake.url, timeout_s=2.0)  # the probe and the model card are fast
         t.timeout_s, t.max_retries = 0.3, 1
-        t0 = time.monotonic()
-        with pytest.raises(ServerError, match="timeout") as e:
+        with pytest.raises(ServerError, match="no answer within the 0.3 s timeout") as e:
             t.score([[1, 2, 3]], [2])
-        assert fake.url in str(e.value) and time.monotonic() - t0 < 3
+        assert fake.url in str(e.value) and "gave up after 2 attempts" in str(e.value) and fake.hits == 2
         t.shutdown()
 
 
@@ -332,13 +331,22 @@ def test_server_killed_mid_run_fails_clearly_after_retries():
     t.shutdown()
 
 
-def test_unreachable_server_fails_after_retries_quickly():
+def test_unreachable_server_fails_after_retries_with_growing_backoff(monkeypatch):
+    slept = _record_sleeps(monkeypatch)
     url = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on
-    t0 = time.monotonic()
     with pytest.raises(ServerError, match="cannot connect") as e:
         client(url, max_retries=2, backoff_s=0.05)
     assert url in str(e.value) and "gave up after 3 attempts" in str(e.value)
-    assert time.monotonic() - t0 < 3
+    assert len(slept) == 2 and 0.05 <= slept[0] <= 0.0625 and 0.1 <= slept[1] <= 0.125, slept  # 25% jitter
+
+
+def _record_sleeps(monkeypatch) -> list[float]:
+    """The client's waits between attempts, recorded instead of slept."""
+    from switchkd.rollout.engines import teacher_client
+
+    slept: list[float] = []
+    monkeypatch.setattr(teacher_client, "time", SimpleNamespace(sleep=slept.append))
+    return slept
 
 
 def test_teacher_from_config(monkeypatch):
@@ -446,13 +454,13 @@ def test_decode_sampling_is_switch_sample_token(server):
     assert fut.result()[0].token_ids.tolist() == out[0].token_ids.tolist()
 
 
-def test_wrong_api_key_is_refused(server):
+def test_wrong_api_key_is_refused(server, monkeypatch):
     url = server[1]
-    t0 = time.monotonic()
+    slept = _record_sleeps(monkeypatch)
     with pytest.raises(ServerError, match="API key") as e:
         ServerTeacher(url, "not-the-key", timeout_s=10, max_retries=3, backoff_s=1.0)
     assert url in str(e.value) and "\n" not in str(e.value)
-    assert time.monotonic() - t0 < 5, "a refused key must not be retried"
+    assert slept == [], "a refused key must not be retried"
 
 
 def test_the_local_server_has_the_rows_endpoint_and_json_gives_the_same_rows(server):
