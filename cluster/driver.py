@@ -71,7 +71,8 @@ class Interrupt:
     SIGTERM) as Python's own SIGINT handler does, and is latched, so the loop stops at its next
     step even if a library swallowed the exception (Python drops one raised where it cannot
     propagate, e.g. inside a C callback). Installed only from the main thread; the previous
-    handlers come back on exit."""
+    handlers come back on exit. A SIGTERM leaves as Terminated even where a library re-raised it
+    as a plain KeyboardInterrupt (Ray's ``ray.get`` does), so the run exits 143, not 130."""
 
     SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
@@ -83,10 +84,12 @@ class Interrupt:
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if exc_type is KeyboardInterrupt and self.received is Terminated:
+            raise Terminated from exc
 
     def _on_signal(self, signum, frame):
         self.received = self.SIGNALS[signum]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from switchkd.rollout.io import atomic_write_bytes
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool, start_step: int = 0):
@@ -22,12 +24,14 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the lines up to ``step``; a line a crash cut short is dropped too. Rewritten
+        atomically: a crash here leaves the old file whole."""
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        kept = [ln for ln in lines if _step(ln) is not None and _step(ln) <= step]
         if len(kept) != len(lines):
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
     def log(self, metrics: dict) -> None:
         self._file.write(json.dumps(metrics) + "\n")
@@ -42,3 +46,11 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of one metrics line; None for a blank line or one a crash cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return None

@@ -189,6 +189,19 @@ def test_sigterm_stops_the_loop_as_terminated(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_that_a_library_re_raised_as_ctrl_c_still_leaves_as_terminated():
+    with pytest.raises(Terminated):
+        with Interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt from None   # as Ray's ray.get re-raises it
+    with pytest.raises(KeyboardInterrupt) as e, Interrupt():
+        raise KeyboardInterrupt   # no signal came: a Ctrl-C stays a Ctrl-C
+    assert e.type is KeyboardInterrupt
+
+
 # --- switchkd train end to end ----------------------------------------------------------------------
 
 def _ray_processes() -> int:
@@ -367,6 +380,31 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_and_cleans_up(tiny_mod
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 143, err[-3000:]
     assert "switchkd: terminated" in err
+
+
+def test_sigterm_to_every_process_of_the_run_leaves_nothing_behind(tiny_models, tmp_path, clean_machine):
+    """As a scheduler that signals every process of a job does (Slurm at a time limit). The
+    driver usually stops the run in order (exit 143); when its raylet goes first, Ray may end it
+    with exit status 1 on its next object access. Either way no process is left and what the run
+    wrote is whole."""
+    import psutil
+
+    proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    driver = psutil.Process(proc.pid)
+    for p in [driver, *driver.children(recursive=True)]:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode in (143, 1), err[-3000:]
+    assert proc.returncode == 1 or "switchkd: terminated" in err
+    assert all(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
 
 
 def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models, tmp_path):
