@@ -270,7 +270,8 @@ def test_train_runs_the_closed_loop(tiny_models, tmp_path, clean_machine, transp
 
 def _start_and_wait_for_first_step(tiny_models, tmp_path, *overrides):
     proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50", *overrides)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group, which a test may signal whole
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
@@ -367,12 +368,7 @@ def test_sigterm_to_the_whole_process_group_stops_the_run_and_cleans_up(tiny_mod
     """As `kill -TERM -PGID` does. The private Ray's daemons are in groups of their own, so the
     signal reaches the driver alone (had it reached the raylet, Ray would end the driver with
     exit status 1 before it cleaned up)."""
-    proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.5)
+    proc = _start_and_wait_for_first_step(tiny_models, tmp_path)
     daemons = [int(pid) for pid in subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "raylet|gcs_server"],
                                                   capture_output=True, text=True).stdout.split()]
     assert daemons and all(os.getpgid(pid) != proc.pid for pid in daemons)
@@ -389,12 +385,7 @@ def test_sigterm_to_every_process_of_the_run_leaves_nothing_behind(tiny_models, 
     wrote is whole."""
     import psutil
 
-    proc = subprocess.Popen([*SWITCHKD, "train", *_config(tiny_models, tmp_path, "trainer.max_steps=50")], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.5)
+    proc = _start_and_wait_for_first_step(tiny_models, tmp_path)
     driver = psutil.Process(proc.pid)
     for p in [driver, *driver.children(recursive=True)]:
         try:
@@ -404,7 +395,8 @@ def test_sigterm_to_every_process_of_the_run_leaves_nothing_behind(tiny_models, 
     _, err = proc.communicate(timeout=180)
     assert proc.returncode in (143, 1), err[-3000:]
     assert proc.returncode == 1 or "switchkd: terminated" in err
-    assert all(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] >= 1 for line in metrics)
 
 
 def test_train_refuses_an_output_dir_with_checkpoints_without_resume(tiny_models, tmp_path):
