@@ -29,7 +29,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
-        kept = [ln for ln in lines if _step(ln) is not None and _step(ln) <= step]
+        kept = [ln for ln in lines if (at := _step(ln)) is not None and at <= step]
         if len(kept) != len(lines):
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
 
